@@ -1,0 +1,278 @@
+"""Training-step speed of both scripts against a reference loop in the style of the two sources, in one process.
+
+    python bench.py --device cpu            # a table
+    python bench.py --device cpu --json     # one JSON line
+
+Reference loop: a torchvision-style dataset (PIL image -> ToTensor -> Normalize per image) through a DataLoader,
+`retain_graph=True` in the vanilla D step, plain optimizers. Ours: the very step functions the training scripts run,
+on the dataset resident on the device. Same data, device and sizes; warm-up first, then the two alternated.
+"""
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import train_vanilla_gan
+import train_wgan
+import utils
+from models import Critic, Discriminator, Generator, WGANGenerator
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The reference: the sources' loop, kept here only to measure against (and to test that our step computes the same).
+
+
+def reference_vanilla_step(G, D, opt_G, opt_D, real, z):
+    """The simple-GAN source's step: separate D passes, BCE each, retain_graph for G's reuse of the fake."""
+    real = real.view(real.shape[0], -1)
+    fake = G(z)
+    disc_real = D(real).view(-1)
+    loss_D_real = F.binary_cross_entropy(disc_real, torch.ones_like(disc_real))
+    disc_fake = D(fake).view(-1)
+    loss_D_fake = F.binary_cross_entropy(disc_fake, torch.zeros_like(disc_fake))
+    loss_D = (loss_D_real + loss_D_fake) / 2
+    D.zero_grad()
+    loss_D.backward(retain_graph=True)
+    opt_D.step()
+    output = D(fake).view(-1)
+    loss_G = F.binary_cross_entropy(output, torch.ones_like(output))
+    G.zero_grad()
+    loss_G.backward()
+    opt_G.step()
+    return loss_D.detach(), loss_G.detach(), disc_real.mean().detach(), disc_fake.mean().detach()
+
+
+def reference_wgan_step(G, C, opt_G, opt_C, real, z, z_g, clip_value):
+    """The WGAN source's critic step (fake detached, p.data.clamp_ per tensor) and, when z_g is given, a G step."""
+    fake = G(z).detach()
+    loss_C = -torch.mean(C(real)) + torch.mean(C(fake))
+    opt_C.zero_grad()
+    loss_C.backward()
+    opt_C.step()
+    for p in C.parameters():
+        p.data.clamp_(-clip_value, clip_value)
+    loss_G = None
+    if z_g is not None:
+        opt_G.zero_grad()
+        loss_G = -torch.mean(C(G(z_g)))
+        loss_G.backward()
+        opt_G.step()
+        loss_G = loss_G.detach()
+    return loss_C.detach(), loss_G
+
+
+class SourceStyleDataset(torch.utils.data.Dataset):
+    """What torchvision's MNIST does per item: uint8 array -> PIL image -> transforms."""
+
+    def __init__(self, images, transform):
+        self.images, self.transform = images.numpy(), transform
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return self.transform(Image.fromarray(self.images[i], mode="L")), 0
+
+
+def reference_batches(images, batch_size, img_size, seed):
+    import torchvision.transforms as T
+
+    tf = [T.Resize(img_size)] if img_size != images.shape[-1] else []
+    tf = T.Compose(tf + [T.ToTensor(), T.Normalize((0.5,), (0.5,))])
+    loader = torch.utils.data.DataLoader(SourceStyleDataset(images, tf), batch_size=batch_size, shuffle=True,
+                                         drop_last=True, generator=torch.Generator().manual_seed(seed))
+    while True:
+        for real, _ in loader:
+            yield real
+
+
+def our_batches(images, batch_size, seed):
+    order = utils.EpochOrder(len(images), batch_size, seed)
+    while True:
+        for idx in order.batches():
+            yield utils.to_model_range(images[idx])
+        order.next_epoch()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The two algorithms, each as (reference step, our step) closures over their own networks.
+
+
+def vanilla_setup(device, z_dim=64, batch=32, lr=3e-4):
+    def nets():
+        torch.manual_seed(0)
+        return Generator(z_dim).to(device), Discriminator().to(device)
+
+    G1, D1 = nets()
+    ref_opts = [torch.optim.Adam(m.parameters(), lr=lr, foreach=False) for m in (G1, D1)]
+    G2, D2 = nets()
+    fast = utils.optimizer_kwargs(device)
+    our_opts = [torch.optim.Adam(m.parameters(), lr=lr, **fast) for m in (G2, D2)]
+
+    def ref(real):
+        reference_vanilla_step(G1, D1, *ref_opts, real.to(device), torch.randn(batch, z_dim, device=device))
+
+    def ours(real):
+        train_vanilla_gan.train_step(G2, D2, *our_opts, real, torch.randn(batch, z_dim, device=device))
+
+    return ref, ours, batch, 28
+
+
+def wgan_setup(device, z_dim=100, batch=64, lr=5e-5, n_critic=5, clip=0.01):
+    def nets():
+        torch.manual_seed(0)
+        return WGANGenerator(z_dim).to(device), Critic().to(device)
+
+    G1, C1 = nets()
+    ref_opts = [torch.optim.RMSprop(m.parameters(), lr=lr, foreach=False) for m in (G1, C1)]
+    G2, C2 = nets()
+    fast = utils.optimizer_kwargs(device, fused=False)
+    our_opts = [torch.optim.RMSprop(m.parameters(), lr=lr, **fast) for m in (G2, C2)]
+    counts = [0, 0]
+
+    def ref(real):
+        counts[0] += 1
+        z_g = torch.randn(batch, z_dim, device=device) if counts[0] % n_critic == 0 else None
+        reference_wgan_step(G1, C1, *ref_opts, real.to(device), torch.randn(batch, z_dim, device=device), z_g, clip)
+
+    def ours(real):
+        counts[1] += 1
+        train_wgan.critic_step(G2, C2, our_opts[1], real, torch.randn(batch, z_dim, device=device), clip)
+        if counts[1] % n_critic == 0:
+            train_wgan.generator_step(G2, C2, our_opts[0], torch.randn(batch, z_dim, device=device))
+
+    return ref, ours, batch, 28
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Measurement
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def reset_peak(device):
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        try:  # Linux: reset the process's peak RSS so each segment gets its own
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        except OSError:
+            pass
+
+
+def peak_mib(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
+    except (OSError, StopIteration):
+        return None
+
+
+def time_steps(step, batches, n, device):
+    """Seconds for n steps, data fetching included (that is part of what the reference pays)."""
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(n):
+        step(next(batches))
+    sync(device)
+    return time.perf_counter() - start
+
+
+def matmul_gflops(device, n=2048, reps=10):
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    for _ in range(3):
+        a @ b
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    sync(device)
+    return 2 * n**3 * reps / (time.perf_counter() - start) / 1e9
+
+
+def flops_per_step(step, batches, n=10):
+    """Average FLOPs of one step, counted by PyTorch's FlopCounterMode over n steps (the WGAN's G step included)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        for _ in range(n):
+            step(next(batches))
+    return counter.get_total_flops() / n
+
+
+def bench_algo(setup, images, device, steps, repeats, warmup):
+    ref, ours, batch, size = setup(device)
+    ref_data = reference_batches(images.cpu(), batch, size, seed=0)
+    our_data = our_batches(images[:, None].to(device), batch, seed=0)  # N x 1 x H x W, as the scripts hold it
+    time_steps(ref, ref_data, warmup, device)
+    time_steps(ours, our_data, warmup, device)
+    ref_rates, our_rates, ref_peak, our_peak = [], [], [], []
+    for _ in range(repeats):  # alternated, so drifts in machine speed hit both
+        reset_peak(device)
+        ref_rates.append(steps / time_steps(ref, ref_data, steps, device))
+        ref_peak.append(peak_mib(device))
+        reset_peak(device)
+        our_rates.append(steps / time_steps(ours, our_data, steps, device))
+        our_peak.append(peak_mib(device))
+    flops = flops_per_step(ours, our_data)
+    ref_sps, sps = statistics.median(ref_rates), statistics.median(our_rates)
+    return {"ref_steps_per_s": round(ref_sps, 1), "steps_per_s": round(sps, 1), "ratio": round(sps / ref_sps, 2),
+            "ref_images_per_s": round(ref_sps * batch, 0), "images_per_s": round(sps * batch, 0),
+            "gflop_per_step": round(flops / 1e9, 4), "achieved_gflops": round(sps * flops / 1e9, 1),
+            "ref_spread": [round(min(ref_rates), 1), round(max(ref_rates), 1)],
+            "spread": [round(min(our_rates), 1), round(max(our_rates), 1)],
+            "ref_peak_mib": None if None in ref_peak else round(max(ref_peak)),
+            "peak_mib": None if None in our_peak else round(max(our_peak)), "batch": batch}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--data-root", default="data", help="as in the training scripts; random images if missing")
+    parser.add_argument("--steps", type=utils.positive_int, default=200, help="steps per timed segment")
+    parser.add_argument("--repeats", type=utils.positive_int, default=3, help="alternated segments per loop")
+    parser.add_argument("--warmup", type=utils.positive_int, default=30, help="untimed steps first")
+    parser.add_argument("--json", action="store_true", help="print one JSON line")
+    args = parser.parse_args(argv)
+    device = utils.select_device(args.device)
+    try:
+        images, _ = utils.load_split("mnist", args.data_root, "train")
+        data = f"MNIST from {args.data_root}"
+    except utils.DataError:
+        images, data = torch.randint(0, 256, (60000, 28, 28), dtype=torch.uint8), "random uint8 images"
+    matmul = matmul_gflops(device)
+    result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
+              "torch": torch.__version__, "data": data, "matmul_gflops": round(matmul, 1)}
+    for name, setup in (("vanilla", vanilla_setup), ("wgan", wgan_setup)):
+        r = bench_algo(setup, images, device, args.steps, args.repeats, args.warmup)
+        r["flop_fraction"] = round(r["achieved_gflops"] / matmul, 3)
+        result[name] = r
+    result["matmul_gflops_after"] = round(matmul_gflops(device), 1)  # the limit again, to show drift
+    if args.json:
+        print(json.dumps(result))
+        return
+    print(f"device {result['device']}, torch {result['torch']}, data: {data}")
+    print(f"matmul limit: {result['matmul_gflops']} GFLOP/s (after: {result['matmul_gflops_after']})")
+    print(f"{'':8} {'ref steps/s':>12} {'steps/s':>9} {'ratio':>6} {'images/s':>9} {'GFLOP/step':>11} "
+          f"{'GFLOP/s':>8} {'% limit':>8} {'peak MiB ref/ours':>18}")
+    for name in ("vanilla", "wgan"):
+        r = result[name]
+        print(f"{name:8} {r['ref_steps_per_s']:>12} {r['steps_per_s']:>9} {r['ratio']:>6} {r['images_per_s']:>9} "
+              f"{r['gflop_per_step']:>11} {r['achieved_gflops']:>8} {100 * r['flop_fraction']:>7.1f}% "
+              f"{str(r['ref_peak_mib']) + '/' + str(r['peak_mib']):>18}")
+
+
+if __name__ == "__main__":
+    utils.run_main(main, sys.argv[1:])

@@ -1,0 +1,70 @@
+"""Tiny IDX datasets written to a temporary folder, and helpers to run the scripts. No network, no ../shared."""
+import gzip
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def write_idx(path, array, compress=True):
+    """Write a uint8 array as an IDX file (magic 0x0800 | ndim), gzip-compressed when compress."""
+    array = np.asarray(array, dtype=np.uint8)
+    data = struct.pack(">I", 0x800 | array.ndim) + struct.pack(f">{array.ndim}I", *array.shape) + array.tobytes()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if compress:
+        with gzip.open(path, "wb") as f:
+            f.write(data)
+    else:
+        path.write_bytes(data)
+    return path
+
+
+def make_dataset(root, folder="MNIST", n_train=128, n_test=64, compress=True, seed=0):
+    """Blobby digit-like images so the networks see structure: each class a bright square at its own place."""
+    rng = np.random.default_rng(seed)
+    raw = Path(root) / folder / "raw"
+    suffix = ".gz" if compress else ""
+    for split, n in (("train", n_train), ("t10k", n_test)):
+        labels = rng.integers(0, 10, n)
+        images = rng.integers(0, 30, (n, 28, 28))
+        for i, label in enumerate(labels):
+            r, c = 2 + (label // 5) * 12, 2 + (label % 5) * 5
+            images[i, r:r + 10, c:c + 5] = 255
+        write_idx(raw / f"{split}-images-idx3-ubyte{suffix}", images, compress)
+        write_idx(raw / f"{split}-labels-idx1-ubyte{suffix}", labels, compress)
+    return Path(root)
+
+
+@pytest.fixture
+def data_root(tmp_path):
+    root = tmp_path / "data"
+    make_dataset(root, "MNIST")
+    make_dataset(root, "FashionMNIST", seed=1)
+    return root
+
+
+def run_script(script, *args, cwd=None, timeout=240, env_extra=None):
+    """Run a training script as a subprocess; returns CompletedProcess with text output."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    env.update(env_extra or {})
+    return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, timeout=timeout, env=env)
+
+
+def run_python(code, cwd=None, timeout=240):
+    """Run a snippet in a fresh interpreter (used to wrap a script's step and kill or corrupt it at a chosen step)."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=cwd, timeout=timeout,
+                          env=env)
+
+
+SMALL_VANILLA = ["--batch-size", "16", "--g-hidden", "32", "--d-hidden", "16", "--z-dim", "8", "--no-progress"]
+SMALL_WGAN = ["--batch-size", "16", "--g-widths", "16", "32", "--critic-widths", "32", "16", "--z-dim", "8",
+              "--n-critic", "3", "--no-progress"]

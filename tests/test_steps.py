@@ -1,0 +1,122 @@
+"""The losses a step computes, checked against values computed by hand (numpy), and the critic's clipping."""
+import numpy as np
+import torch
+
+import bench
+import train_vanilla_gan
+import train_wgan
+from models import Critic, Discriminator, Generator, WGANGenerator
+
+
+def np_mlp(x, linears, slope, last=None):
+    """Forward of Linear/LeakyReLU stacks with numpy, from the modules' weights."""
+    h = x
+    for i, lin in enumerate(linears):
+        h = h @ lin.weight.detach().numpy().astype(np.float64).T + lin.bias.detach().numpy()
+        if i < len(linears) - 1:
+            h = np.where(h > 0, h, slope * h)
+    return 1 / (1 + np.exp(-h)) if last == "sigmoid" else h
+
+
+def linears(module):
+    return [m for m in module.modules() if isinstance(m, torch.nn.Linear)]
+
+
+def test_vanilla_losses_match_hand_computation():
+    torch.manual_seed(0)
+    G, D = Generator(z_dim=8, img_dim=784, hidden=32), Discriminator(784, hidden=16)
+    opt_G, opt_D = torch.optim.Adam(G.parameters(), lr=1e-2), torch.optim.Adam(D.parameters(), lr=1e-2)
+    real = torch.rand(6, 1, 28, 28) * 2 - 1
+    z = torch.randn(6, 8)
+    x = real.flatten(1).numpy().astype(np.float64)
+    fake = np.tanh(np_mlp(z.numpy().astype(np.float64), linears(G), 0.1))
+    p_real, p_fake = np_mlp(x, linears(D), 0.1, "sigmoid"), np_mlp(fake, linears(D), 0.1, "sigmoid")
+    expected_D = 0.5 * (np.mean(-np.log(p_real)) + np.mean(-np.log(1 - p_fake)))
+
+    loss_D, loss_G, d_real, d_fake = train_vanilla_gan.train_step(G, D, opt_G, opt_D, real, z)
+
+    assert np.isclose(loss_D.item(), expected_D, rtol=1e-5)
+    assert np.isclose(d_real.item(), p_real.mean(), rtol=1e-5)
+    assert np.isclose(d_fake.item(), p_fake.mean(), rtol=1e-5)
+    # G's loss is -log D(G(z)) through the discriminator as updated by this step's D step (non-saturating loss)
+    p_fake_after = np_mlp(fake, linears(D), 0.1, "sigmoid")
+    assert np.isclose(loss_G.item(), np.mean(-np.log(p_fake_after)), rtol=1e-5)
+    assert not np.isclose(loss_G.item(), np.mean(-np.log(p_fake)), rtol=1e-3)  # D really moved first
+
+
+def test_wgan_losses_match_hand_computation_and_clipping_bounds():
+    torch.manual_seed(0)
+    G, C = WGANGenerator(8, (1, 28, 28), (16, 32)), Critic((1, 28, 28), (32, 16))
+    opt_C = torch.optim.RMSprop(C.parameters(), lr=0.05)  # large: many weights hit the clip bounds
+    opt_G = torch.optim.RMSprop(G.parameters(), lr=0.05)
+    real, z = torch.rand(6, 1, 28, 28) * 2 - 1, torch.randn(6, 8)
+    with torch.no_grad():
+        fake = G(z)  # train-mode BatchNorm, as in the step
+    c_real = np_mlp(real.flatten(1).numpy().astype(np.float64), linears(C), 0.2)
+    c_fake = np_mlp(fake.flatten(1).numpy().astype(np.float64), linears(C), 0.2)
+
+    loss_C = train_wgan.critic_step(G, C, opt_C, real, z, clip_value=0.01)
+
+    assert np.isclose(loss_C.item(), c_fake.mean() - c_real.mean(), rtol=1e-4, atol=1e-7)
+    weights = torch.cat([p.detach().flatten() for p in C.parameters()])
+    assert weights.abs().max() <= 0.01
+    assert (weights.abs() == 0.01).float().mean() > 0.5  # the clipping did act
+
+    z2 = torch.randn(6, 8)
+    G_probe = WGANGenerator(8, (1, 28, 28), (16, 32))
+    G_probe.load_state_dict(G.state_dict())
+    with torch.no_grad():
+        expected_G = -C(G_probe(z2)).mean().item()
+    critic_before = [p.detach().clone() for p in C.parameters()]
+    loss_G = train_wgan.generator_step(G, C, opt_G, z2)
+    assert np.isclose(loss_G.item(), expected_G, rtol=1e-5)
+    assert all(torch.equal(a, b) for a, b in zip(critic_before, C.parameters()))  # the G step leaves C alone
+
+
+def _clone_pair(make):
+    torch.manual_seed(0)
+    a = make()
+    b = make()
+    b.load_state_dict(a.state_dict())
+    return a, b
+
+
+def test_fast_vanilla_step_equals_reference_step():
+    G1, G2 = _clone_pair(lambda: Generator(16, 784, 64))
+    D1, D2 = _clone_pair(lambda: Discriminator(784, 32))
+    fast_opts = [torch.optim.Adam(m.parameters(), lr=1e-3, fused=True) for m in (G1, D1)]
+    ref_opts = [torch.optim.Adam(m.parameters(), lr=1e-3) for m in (G2, D2)]
+    for i in range(3):
+        real, z = torch.rand(8, 1, 28, 28) * 2 - 1, torch.randn(8, 16)
+        fast = train_vanilla_gan.train_step(G1, D1, *fast_opts, real, z)
+        ref = bench.reference_vanilla_step(G2, D2, *ref_opts, real, z)
+        for a, b in zip(fast, ref):
+            assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+    for a, b in zip(list(G1.parameters()) + list(D1.parameters()), list(G2.parameters()) + list(D2.parameters())):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_fast_wgan_steps_equal_reference_steps():
+    G1, G2 = _clone_pair(lambda: WGANGenerator(16, (1, 28, 28), (32, 64)))
+    C1, C2 = _clone_pair(lambda: Critic((1, 28, 28), (64, 32)))
+    fast_opts = [torch.optim.RMSprop(m.parameters(), lr=5e-5, foreach=True) for m in (G1, C1)]
+    ref_opts = [torch.optim.RMSprop(m.parameters(), lr=5e-5, foreach=False) for m in (G2, C2)]
+    for step in range(1, 7):
+        real, z, z_g = torch.rand(8, 1, 28, 28) * 2 - 1, torch.randn(8, 16), torch.randn(8, 16)
+        do_g = step % 3 == 0
+        loss_C = train_wgan.critic_step(G1, C1, fast_opts[1], real, z, 0.01)
+        loss_G = train_wgan.generator_step(G1, C1, fast_opts[0], z_g) if do_g else None
+        ref_C, ref_G = bench.reference_wgan_step(G2, C2, ref_opts[0], ref_opts[1], real, z, z_g if do_g else None, 0.01)
+        assert torch.allclose(loss_C, ref_C, rtol=1e-4, atol=1e-6), (loss_C - ref_C).item()
+        if do_g:
+            assert torch.allclose(loss_G, ref_G, rtol=1e-4, atol=1e-6)
+    # Compare what G computes, not its raw weights: the biases of the Linear layers before BatchNorm get no true
+    # gradient, so RMSprop moves them by rounding noise in both implementations; BatchNorm cancels them.
+    z = torch.randn(16, 16)
+    assert torch.allclose(G1(z), G2(z), rtol=1e-4, atol=1e-5)
+    G1.eval(), G2.eval()
+    assert torch.allclose(G1(z), G2(z), rtol=1e-4, atol=1e-5)
+    # RMSprop divides each gradient by its running RMS, so entries whose gradient nearly cancels between the real and
+    # the fake term carry rounding noise into the update; any real difference in the math moves weights by ~lr.
+    diffs = torch.cat([(a - b).abs().flatten() for a, b in zip(C1.parameters(), C2.parameters())])
+    assert diffs.max() < 0.5 * 5e-5 and diffs.median() < 1e-9

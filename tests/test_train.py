@@ -1,0 +1,156 @@
+"""End-to-end runs of both scripts on tiny data: what they write, exact resume after SIGKILL, SIGINT, divergence."""
+import json
+import random
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from conftest import SMALL_VANILLA, SMALL_WGAN, run_python, run_script
+
+SCRIPTS = {
+    "vanilla": ("train_vanilla_gan.py", "train_step", SMALL_VANILLA, ["loss/D", "loss/G", "D(x)", "D(G(z))"]),
+    "wgan": ("train_wgan.py", "critic_step", SMALL_WGAN, ["loss/critic", "loss/G", "wasserstein_estimate"]),
+}
+
+
+def events(run_dir):
+    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "images": 0, "tensors": 0})
+    acc.Reload()
+    return acc
+
+
+def load(run_dir):
+    return torch.load(run_dir / "checkpoint.pt", weights_only=True)
+
+
+@pytest.mark.parametrize("algo", ["vanilla", "wgan"])
+def test_run_writes_events_grids_and_checkpoint(tmp_path, data_root, algo):
+    script, _, small, scalars = SCRIPTS[algo]
+    size = 32 if algo == "wgan" else 28
+    out = run_script(script, "--data-root", data_root, "--runs-dir", tmp_path / "runs", "--run-name", "r",
+                     "--epochs", 2, "--log-every", 2, "--img-size", size, *small)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.count("epoch ") == 2 and "epoch 2/2  step 16" in out.stdout  # 128 images / 16 = 8 steps/epoch
+    run = tmp_path / "runs" / "r"
+    acc = events(run)
+    tags = acc.Tags()
+    assert set(scalars) <= set(tags["scalars"])
+    assert [e.step for e in acc.Scalars(scalars[0])] == list(range(2, 17, 2))
+    assert {"fake", "real"} <= set(tags["images"])
+    assert [e.step for e in acc.Images("fake")] == [8, 16]
+    assert "config/text_summary" in tags["tensors"]
+    config = acc.Tensors("config/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert '"batch_size": 16' in config
+    for epoch in (1, 2):  # the fixed-noise grid: 8 columns of size + 2 px padding
+        grid = Image.open(run / "samples" / f"epoch_{epoch:03d}.png")
+        n = 32 if algo == "vanilla" else 64
+        assert grid.size == (8 * (size + 2) + 2, (n // 8) * (size + 2) + 2)
+    ckpt = load(run)
+    assert ckpt["step"] == 16 and ckpt["order"]["epoch"] == 2 and ckpt["order"]["position"] == 0
+    assert ckpt["args"]["img_size"] == size
+    assert not list(run.glob("*.tmp"))
+
+
+def test_wgan_generator_steps_every_n_critic(tmp_path, data_root, monkeypatch):
+    import train_wgan
+    import utils
+
+    calls = []
+    real_step = train_wgan.generator_step
+    monkeypatch.setattr(train_wgan, "generator_step", lambda *a: calls.append(1) or real_step(*a))
+    utils.run_main(train_wgan.main, ["--data-root", str(data_root), "--runs-dir", str(tmp_path), "--run-name", "g",
+                                     "--max-steps", "13", *SMALL_WGAN])  # n_critic 3
+    assert len(calls) == 4  # after critic steps 3, 6, 9, 12
+    assert load(tmp_path / "g")["step"] == 13
+
+
+def killer(script, step_fn, kill_at, argv, sig="SIGKILL"):
+    """Python that runs a script with its step wrapped to send itself `sig` right after step `kill_at`."""
+    module = script[:-3]
+    return textwrap.dedent(f"""
+        import os, signal, {module} as m, utils
+        real, count = m.{step_fn}, [0]
+        def step(*a):
+            out = real(*a)
+            count[0] += 1
+            if count[0] == {kill_at}:
+                os.kill(os.getpid(), signal.{sig})
+            return out
+        m.{step_fn} = step
+        utils.run_main(m.main, {argv!r})
+    """)
+
+
+@pytest.mark.parametrize("algo", ["vanilla", "wgan"])
+def test_sigkill_then_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, data_root, algo):
+    script, step_fn, small, scalars = SCRIPTS[algo]
+    common = ["--data-root", str(data_root), "--epochs", "3", "--log-every", "1", "--checkpoint-every", "5", *small]
+    full = run_script(script, "--runs-dir", tmp_path / "a", "--run-name", "r", *common)
+    assert full.returncode == 0, full.stderr
+
+    kill_at = random.Random().randint(6, 23)  # 24 steps in all; a fresh random step each time the test runs
+    argv = ["--runs-dir", str(tmp_path / "b"), "--run-name", "r", *common]
+    killed = run_python(killer(script, step_fn, kill_at, argv))
+    assert killed.returncode == -9, killed.stderr
+    saved = load(tmp_path / "b" / "r")["step"]
+    # killed inside step kill_at: the last checkpoint is the last periodic (every 5) or epoch-end (every 8) one before
+    assert saved == max(s for s in range(kill_at) if s % 5 == 0 or s % 8 == 0), kill_at
+    resumed = run_script(script, "--resume", tmp_path / "b" / "r")
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming {tmp_path / 'b' / 'r'} at step {saved}" in resumed.stdout
+
+    a, b = load(tmp_path / "a" / "r"), load(tmp_path / "b" / "r")
+    assert a["step"] == b["step"] == 24
+    for net in [k for k in a if k in ("G", "D", "C")]:
+        for key in a[net]:
+            assert torch.equal(a[net][key], b[net][key]), f"{net}.{key} differs (killed at {kill_at})"
+    for opt in [k for k in a if k.startswith("opt_")]:
+        for pid, state in a[opt]["state"].items():
+            for key, value in state.items():
+                assert torch.equal(value, b[opt]["state"][pid][key])
+    steps = [e.step for e in events(tmp_path / "b" / "r").Scalars(scalars[0])]
+    assert steps == list(range(1, 25)), f"TensorBoard steps doubled or missing (killed at {kill_at})"
+
+
+@pytest.mark.parametrize("algo", ["vanilla", "wgan"])
+def test_sigint_saves_a_loadable_checkpoint_and_exits_130(tmp_path, data_root, algo):
+    script, step_fn, small, _ = SCRIPTS[algo]
+    argv = ["--data-root", str(data_root), "--runs-dir", str(tmp_path), "--run-name", "r", "--epochs", "3",
+            "--checkpoint-every", "0", *small]
+    out = run_python(killer(script, step_fn, 11, argv, sig="SIGINT"))
+    assert out.returncode == 130, out.stderr
+    assert "interrupted by SIGINT: checkpoint saved" in out.stderr and "Traceback" not in out.stderr
+    ckpt = load(tmp_path / "r")
+    assert ckpt["step"] == 11 and ckpt["order"]["position"] == 3  # mid-epoch 2
+
+
+@pytest.mark.parametrize("algo", ["vanilla", "wgan"])
+def test_nan_stops_with_exit_3_and_keeps_the_last_good_checkpoint(tmp_path, data_root, algo):
+    script, step_fn, small, _ = SCRIPTS[algo]
+    module = script[:-3]
+    code = textwrap.dedent(f"""
+        import torch, {module} as m, utils
+        real, count = m.{step_fn}, [0]
+        def step(G, D, *a):
+            count[0] += 1
+            if count[0] == 7:  # a weight goes NaN, as after an exploding update
+                with torch.no_grad():
+                    next(D.parameters()).fill_(float("nan"))
+            return real(G, D, *a)
+        m.{step_fn} = step
+        utils.run_main(m.main, {["--data-root", str(data_root), "--runs-dir", str(tmp_path), "--run-name", "r",
+                                 "--log-every", "1", "--checkpoint-every", "4", *small]!r})
+    """)
+    out = run_python(code)
+    assert out.returncode == 3, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: training diverged at step 7: loss/")
+    assert "Traceback" not in out.stderr
+    ckpt = load(tmp_path / "r")
+    assert ckpt["step"] == 4
+    assert all(torch.isfinite(v).all() for net in ("G", "D", "C") if net in ckpt for v in ckpt[net].values()
+               if v.is_floating_point())

@@ -1,0 +1,476 @@
+"""What both training scripts share: arguments, device, seeding, data, run folders, checkpoints, logging, image grids.
+
+Errors a user can fix raise UserError; `run_main` turns them into one line on stderr and an exit code, never a traceback.
+"""
+import argparse
+import datetime
+import gzip
+import json
+import os
+import random
+import signal
+import struct
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Errors and exit codes
+
+EXIT_DATA = 1  # data missing or unreadable
+EXIT_USAGE = 2  # bad flags or run folder (argparse uses 2 as well)
+EXIT_DIVERGED = 3  # NaN or infinite loss or weight
+
+
+class UserError(Exception):
+    """A problem the user can fix; printed as one line, exits with `code`."""
+
+    def __init__(self, message, code=EXIT_USAGE):
+        super().__init__(message)
+        self.code = code
+
+
+class DataError(UserError):
+    def __init__(self, message):
+        super().__init__(message, EXIT_DATA)
+
+
+class Diverged(UserError):
+    def __init__(self, message):
+        super().__init__(message, EXIT_DIVERGED)
+
+
+class Interrupted(Exception):
+    """SIGINT/SIGTERM arrived; the loop saved a checkpoint and exits with 128 + signal number."""
+
+    def __init__(self, signum):
+        super().__init__(signal.Signals(signum).name)
+        self.code = 128 + signum
+
+
+def run_main(main, argv=None):
+    """Run a script's main(); user errors and interrupts become one stderr line and an exit code."""
+    try:
+        main(argv)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(e.code)
+    except Interrupted as e:
+        print(f"interrupted by {e}: checkpoint saved, resume with --resume", file=sys.stderr)
+        sys.exit(e.code)
+    except KeyboardInterrupt:  # a second Ctrl-C, or one before training started
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Arguments
+
+DATASETS = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST"}  # flag value -> torchvision folder/class name
+# Flags that may differ on --resume: they change how a run is watched or where it runs, not what it computes.
+RUNTIME_FLAGS = {"epochs", "max_steps", "log_every", "checkpoint_every", "eval_every", "eval_n", "device",
+                 "data_root", "runs_dir", "run_name", "resume", "progress"}
+
+
+def positive_int(text):
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def non_negative_int(text):
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
+def positive_float(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text}")
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text}")
+    return value
+
+
+def add_common_args(parser, *, dataset, epochs, batch_size, lr, z_dim, img_size, log_every):
+    """The flags both scripts share, with each script's own defaults."""
+    add = parser.add_argument
+    add("--dataset", choices=sorted(DATASETS), default=dataset, help="training data")
+    add("--data-root", default="data", help="folder holding <MNIST|FashionMNIST>/raw/ (downloaded there if missing)")
+    add("--epochs", type=positive_int, default=epochs, help="passes over the training split")
+    add("--batch-size", type=positive_int, default=batch_size, help="images per step")
+    add("--lr", type=positive_float, default=lr, help="learning rate of both networks")
+    add("--z-dim", type=positive_int, default=z_dim, help="size of the generator's noise input")
+    add("--img-size", type=positive_int, default=img_size, help="train on images resized to this side (28 = native)")
+    add("--seed", type=int, default=1, help="seeds every random number (data order, noise, weights)")
+    add("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto", help="auto = cuda, else mps, else cpu")
+    add("--runs-dir", default="runs", help="TensorBoard and checkpoint root")
+    add("--run-name", default=None, help="folder under --runs-dir (default {algo}-{dataset}-{YYYYmmdd-HHMMSS})")
+    add("--resume", default=None, metavar="PATH", help="continue the run in this folder (or this checkpoint.pt)")
+    add("--log-every", type=positive_int, default=log_every, help="steps between scalar logs and NaN checks")
+    add("--checkpoint-every", type=non_negative_int, default=500,
+        help="steps between checkpoints (0 = only at epoch ends); also written on SIGINT/SIGTERM")
+    add("--max-steps", type=positive_int, default=None, help="stop after this many steps in all (for smoke runs)")
+    add("--no-progress", dest="progress", action="store_false", help="no tqdm bar (one line per epoch only)")
+
+
+def explicit_flags(parser, argv):
+    """The dests of the flags actually typed on the command line (abbreviations are disabled on our parsers)."""
+    given = set()
+    for action in parser._actions:
+        for opt in action.option_strings:
+            if any(arg == opt or arg.startswith(opt + "=") for arg in argv):
+                given.add(action.dest)
+    return given
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Device and seeding
+
+
+def select_device(name):
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is available; use --device cpu or auto")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise UserError("--device mps: MPS is not available; use --device cpu or auto")
+    return torch.device(name)
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state():
+    """The torch RNG states (noise comes from them; Python's and NumPy's RNGs are not used while training)."""
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Data: IDX files read into one uint8 tensor; torchvision downloads them when they are missing.
+
+SYSTEM_DATA_DIRS = {"fashion-mnist": [Path("/usr/share/datasets/fashion-mnist")]}  # Debian's dataset-fashion-mnist
+SPLIT_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+               "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+IDX_IMAGES, IDX_LABELS = 0x00000803, 0x00000801  # magic numbers: unsigned bytes, 3 or 1 dimensions
+
+
+def _find_idx(folder, stem):
+    for name in (stem, stem + ".gz"):
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+def _split_files(folder, split):
+    paths = [_find_idx(folder, stem) for stem in SPLIT_FILES[split]]
+    return paths if all(paths) else None
+
+
+def read_idx(path, magic):
+    """An IDX file (gzip or not) as a uint8 tensor; checks the magic number and that the size matches the header."""
+    try:
+        opener = gzip.open if path.suffix == ".gz" else open
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError, gzip.BadGzipFile) as e:
+        raise DataError(f"{path}: cannot read it ({e}); delete it and let it download again, or replace it")
+    ndim = magic & 0xFF
+    if len(data) < 4 + 4 * ndim or struct.unpack(">I", data[:4])[0] != magic:
+        found = struct.unpack(">I", data[:4])[0] if len(data) >= 4 else None
+        raise DataError(f"{path}: not an IDX file of {ndim}-d unsigned bytes (magic {found!r}, expected {magic:#010x});"
+                        " replace it with the original file")
+    shape = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
+    body = data[4 + 4 * ndim:]
+    if len(body) != int(np.prod(shape)):
+        raise DataError(f"{path}: header says shape {shape} ({int(np.prod(shape))} bytes) but holds {len(body)} bytes;"
+                        " the file is truncated or wrong, replace it")
+    return torch.frombuffer(bytearray(body), dtype=torch.uint8).view(*shape)
+
+
+def _read_split(images_path, labels_path):
+    images, labels = read_idx(images_path, IDX_IMAGES), read_idx(labels_path, IDX_LABELS)
+    if images.shape[0] != labels.shape[0]:
+        raise DataError(f"{images_path} holds {images.shape[0]} images but {labels_path} holds {labels.shape[0]} labels;"
+                        " replace the mismatched file")
+    return images, labels
+
+
+def _download(dataset, root, split):
+    """torchvision's own download into <root>/<Folder>/raw/ (fails offline; then we look elsewhere)."""
+    import torchvision
+
+    cls = getattr(torchvision.datasets, DATASETS[dataset])
+    try:
+        cls(root, train=split == "train", download=True)
+    except Exception as e:  # URLError, RuntimeError on checksum mismatch, ...
+        return f"{type(e).__name__}: {e}".splitlines()[0]
+    return None
+
+
+def load_split(dataset, root, split="train"):
+    """(images N x H x W uint8, labels N uint8) from local IDX files, else torchvision's download, else system folders."""
+    raw = Path(root) / DATASETS[dataset] / "raw"
+    paths = _split_files(raw, split)
+    download_error = None
+    if paths is None:
+        download_error = _download(dataset, root, split)
+        paths = _split_files(raw, split)
+    tried = [raw]
+    for folder in SYSTEM_DATA_DIRS.get(dataset, []):
+        if paths is None:
+            tried.append(folder)
+            paths = _split_files(folder, split)
+    if paths is None:
+        raise DataError(f"{dataset} {split} data not found in {', '.join(map(str, tried))} and the download failed"
+                        f" ({download_error}); put the IDX files (.gz or not) in <data-root>/{DATASETS[dataset]}/raw/"
+                        " and pass --data-root")
+    return _read_split(*paths)
+
+
+def resize_images(images, size):
+    """uint8 N x H x W -> uint8 N x size x size, antialiased bilinear (as torchvision's Resize on PIL images)."""
+    if images.shape[-1] == size and images.shape[-2] == size:
+        return images
+    x = F.interpolate(images[:, None].float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return x.round().clamp(0, 255).to(torch.uint8)[:, 0]
+
+
+def load_train_images(dataset, root, img_size, device):
+    """The whole training split as one uint8 tensor N x 1 x S x S, resident on the device; batches are index slices."""
+    images, _ = load_split(dataset, root, "train")
+    return resize_images(images, img_size)[:, None].to(device)
+
+
+def to_model_range(batch_uint8):
+    """uint8 [0, 255] -> float [-1, 1]: the same as ToTensor() then Normalize(0.5, 0.5), done on the device."""
+    return batch_uint8.float().div_(127.5).sub_(1.0)
+
+
+class EpochOrder:
+    """A seeded permutation per epoch and the position in it: everything needed to resume mid-epoch exactly."""
+
+    def __init__(self, num_images, batch_size, seed):
+        if batch_size > num_images:
+            raise UserError(f"--batch-size {batch_size} is larger than the dataset ({num_images} images);"
+                            " use a smaller --batch-size")
+        self.num_images, self.batch_size = num_images, batch_size
+        self.steps_per_epoch = num_images // batch_size  # the last partial batch is dropped: every step sees a full batch
+        self.generator = torch.Generator().manual_seed(seed)
+        self.epoch, self.position, self.perm = 0, 0, None
+
+    def batches(self):
+        """Yield index tensors for the rest of the current epoch; the position counts a batch as consumed once yielded."""
+        if self.perm is None:
+            self.perm = torch.randperm(self.num_images, generator=self.generator)
+        while self.position < self.steps_per_epoch:
+            start = self.position * self.batch_size
+            self.position += 1
+            yield self.perm[start:start + self.batch_size]
+
+    def next_epoch(self):
+        self.epoch, self.position, self.perm = self.epoch + 1, 0, None
+
+    def state_dict(self):
+        return {"epoch": self.epoch, "position": self.position, "perm": self.perm,
+                "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state):
+        self.epoch, self.position, self.perm = state["epoch"], state["position"], state["perm"]
+        self.generator.set_state(state["generator"])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Run folder, resume, checkpoints
+
+CHECKPOINT = "checkpoint.pt"
+
+
+def default_run_name(algo, dataset):
+    return f"{algo}-{dataset}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
+
+
+def load_checkpoint(path):
+    path = Path(path)
+    if path.is_dir():
+        path = path / CHECKPOINT
+    if not path.is_file():
+        raise UserError(f"--resume {path}: no checkpoint there; give a run folder that holds {CHECKPOINT}, or the file")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"--resume {path}: not a readable checkpoint ({type(e).__name__}); it is corrupt or not ours")
+    if not isinstance(ckpt, dict) or not {"algo", "args", "step"} <= set(ckpt):
+        raise UserError(f"--resume {path}: not a checkpoint written by these scripts")
+    return ckpt, path
+
+
+def resume_config(args, parser, argv, algo):
+    """On --resume: load the checkpoint and adopt its configuration; explicit flags that differ from it are an error."""
+    ckpt, path = load_checkpoint(args.resume)
+    if ckpt["algo"] != algo:
+        raise UserError(f"--resume {path}: it is a {ckpt['algo']} checkpoint; resume it with train_{ckpt['algo']}.py")
+    saved = ckpt["args"]
+    given = explicit_flags(parser, argv)
+    conflicts = [f"--{k.replace('_', '-')} {getattr(args, k)} (checkpoint: {saved[k]})"
+                 for k in sorted(given - RUNTIME_FLAGS) if k in saved and saved[k] != getattr(args, k)]
+    if conflicts:
+        raise UserError(f"--resume {path}: flags conflict with the checkpoint's configuration: {'; '.join(conflicts)};"
+                        " drop them or start a new run")
+    for key, value in saved.items():
+        if key not in given:  # the checkpoint's value, unless a runtime flag was given anew
+            setattr(args, key, value)
+    args.run_name, args.runs_dir, args.resume = path.parent.name, str(path.parent.parent), str(path)
+    return ckpt
+
+
+def make_run_dir(args, algo):
+    """runs/<run-name>, created new; an existing one is refused unless resuming, so two runs never mix."""
+    if args.resume:
+        return Path(args.runs_dir) / args.run_name
+    name = args.run_name or default_run_name(algo, args.dataset)
+    run_dir = Path(args.runs_dir) / name
+    if run_dir.exists():
+        raise UserError(f"run folder {run_dir} already exists; pass --resume {run_dir} to continue it,"
+                        " or another --run-name")
+    try:
+        run_dir.mkdir(parents=True)
+        (run_dir / ".write-test").touch()
+        (run_dir / ".write-test").unlink()
+    except OSError as e:
+        raise UserError(f"cannot create run folder {run_dir} ({e.strerror}); choose a writable --runs-dir")
+    args.run_name = name
+    return run_dir
+
+
+def save_checkpoint(state, path):
+    """Atomic: write a temporary file, fsync, then rename over the old one; a reader never sees half a file."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def check_finite(step, **values):
+    """Raise Diverged naming the first NaN/inf among named tensors (losses, or modules' parameters and buffers)."""
+    for name, value in values.items():
+        tensors = value.state_dict().items() if isinstance(value, torch.nn.Module) else [("", value)]
+        for key, tensor in tensors:
+            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                what = f"{name}.{key}" if key else name
+                raise Diverged(f"training diverged at step {step}: {what} is not finite (NaN or inf);"
+                               " the last good checkpoint is kept: lower --lr and start again or resume it")
+
+
+class StopSignals:
+    """Turns SIGINT/SIGTERM into a flag the training loop checks after each step (then it saves and exits)."""
+
+    def __init__(self):
+        self.signum = None
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:  # second signal: stop now
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Logging
+
+
+def open_writer(run_dir, args, resume_step=None):
+    """TensorBoard writer; on resume, purge points the crashed run logged after its checkpoint, so none are doubled."""
+    from torch.utils.tensorboard import SummaryWriter
+    from torch.utils.tensorboard.summary import hparams
+
+    if resume_step is not None:
+        return SummaryWriter(run_dir, purge_step=resume_step + 1)
+    writer = SummaryWriter(run_dir)
+    config = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in vars(args).items()}
+    for summary in hparams(config, {"loss/G": 0.0}):
+        writer.file_writer.add_summary(summary)
+    writer.add_text("config", "```\n" + json.dumps(vars(args), indent=2, default=str) + "\n```", 0)
+    return writer
+
+
+def image_grid(images, nrow=8):
+    """[-1, 1] images N x C x H x W -> a [0, 1] grid tensor for TensorBoard and PNGs."""
+    import torchvision.utils as vutils
+
+    return vutils.make_grid(images.detach().float().cpu(), nrow=nrow, normalize=True, value_range=(-1, 1))
+
+
+def save_grid(grid, path):
+    import torchvision.utils as vutils
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    vutils.save_image(grid, path)
+
+
+def log_scalars(writer, step, values, tag=""):
+    """Write tensors as scalars (the only host sync of a step) and stop on NaN/inf; returns them as floats."""
+    floats = {name: float(value) for name, value in values.items()}
+    for name, value in floats.items():
+        if not np.isfinite(value):
+            raise Diverged(f"training diverged at step {step}: {tag}{name} is {value}; the last good checkpoint is kept:"
+                           " lower --lr and start again or resume it")
+        writer.add_scalar(tag + name, value, step)
+    return {name: round(value, 4) for name, value in floats.items()}
+
+
+def print_epoch(epoch, epochs, step, means, seconds):
+    text = "  ".join(f"{name} {value:.4f}" for name, value in means.items())
+    print(f"epoch {epoch}/{epochs}  step {step}  {text}  ({seconds:.1f}s)", flush=True)
+
+
+def log_samples(writer, run_dir, fakes, epoch, step):
+    """The fixed-noise grid: to TensorBoard and to samples/epoch_NNN.png."""
+    grid = image_grid(fakes)
+    writer.add_image("fake", grid, step)
+    save_grid(grid, Path(run_dir) / "samples" / f"epoch_{epoch:03d}.png")
+
+
+def optimizer_kwargs(device, fused=True):
+    """Fused (Adam) or foreach (RMSprop) kernels: one launch for all parameters instead of one per tensor."""
+    return {"fused": True} if fused and device.type in ("cpu", "cuda") else {"foreach": True}
