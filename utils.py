@@ -313,18 +313,18 @@ def default_run_name(algo, dataset):
     return f"{algo}-{dataset}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
 
 
-def load_checkpoint(path):
+def load_checkpoint(path, flag="--resume"):
     path = Path(path)
     if path.is_dir():
         path = path / CHECKPOINT
     if not path.is_file():
-        raise UserError(f"--resume {path}: no checkpoint there; give a run folder that holds {CHECKPOINT}, or the file")
+        raise UserError(f"{flag} {path}: no checkpoint there; give a run folder that holds {CHECKPOINT}, or the file")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise UserError(f"--resume {path}: not a readable checkpoint ({type(e).__name__}); it is corrupt or not ours")
+        raise UserError(f"{flag} {path}: not a readable checkpoint ({type(e).__name__}); it is corrupt or not ours")
     if not isinstance(ckpt, dict) or not {"algo", "args", "step"} <= set(ckpt):
-        raise UserError(f"--resume {path}: not a checkpoint written by these scripts")
+        raise UserError(f"{flag} {path}: not a checkpoint written by these scripts")
     return ckpt, path
 
 

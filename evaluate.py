@@ -1,0 +1,314 @@
+"""Sample quality of a trained generator, offline: FID, precision/recall, class coverage and Inception Score, all on the
+features of a small CNN classifier trained on the dataset itself (no download: it trains once and is cached).
+
+    python evaluate.py runs/<run>                    # a table
+    python evaluate.py runs/<run> --json             # one JSON line
+    python evaluate.py runs/<run> --grid grid.png --export samples.npz
+
+The classifier lives at <data-root>/classifiers/<dataset>.pt. Metrics compare N generated images (default 10,000)
+with the 10,000-image test split; the "real" row compares 10,000 training images with the same test split, the floor
+a perfect generator would reach.
+"""
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import utils
+
+CLASSIFIER_EPOCHS = 4
+NUM_CLASSES = 10
+MIN_ACCURACY = {"mnist": 0.985, "fashion-mnist": 0.90}  # what the cached classifier is expected to reach
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Feature extractor: a small CNN classifier per dataset
+
+
+class Classifier(nn.Module):
+    """Two conv layers and one hidden linear layer; `features` returns the 128-d penultimate activations."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Sequential(
+            nn.Conv2d(1, 32, 3), nn.ReLU(), nn.MaxPool2d(2),   # 28 -> 26 -> 13
+            nn.Conv2d(32, 64, 3), nn.ReLU(), nn.MaxPool2d(2),  # 13 -> 11 -> 5
+            nn.Flatten(), nn.Linear(64 * 5 * 5, 128), nn.ReLU(),
+        )
+        self.head = nn.Linear(128, NUM_CLASSES)
+
+    def features(self, x):
+        return self.conv(x)
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+def to_input(images_uint8):
+    """uint8 N x 28 x 28 (0 = black background) -> the classifier's float input N x 1 x 28 x 28 in [-1, 1]."""
+    return utils.to_model_range(images_uint8[:, None])
+
+
+@torch.no_grad()
+def predict(model, images_uint8, device, batch=1000):
+    """(features N x 128, class probabilities N x 10) as float64 numpy arrays."""
+    model.eval()
+    feats, probs = [], []
+    for i in range(0, len(images_uint8), batch):
+        f = model.features(to_input(images_uint8[i:i + batch].to(device)))
+        feats.append(f.double().cpu())
+        probs.append(F.softmax(model.head(f), dim=1).double().cpu())
+    return torch.cat(feats).numpy(), torch.cat(probs).numpy()
+
+
+def train_classifier(dataset, data_root, device, epochs=CLASSIFIER_EPOCHS, seed=0, progress=True):
+    """Train with a fixed seed on the train split; returns (model, test accuracy). RNG of the caller is left as it was."""
+    train_x, train_y = utils.load_split(dataset, data_root, "train")
+    test_x, test_y = utils.load_split(dataset, data_root, "test")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Classifier().to(device)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        order = torch.Generator().manual_seed(seed)
+        batch = min(128, len(train_x))
+        steps = epochs * (len(train_x) // batch)
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps)
+        x_all, y_all = train_x.to(device), train_y.long().to(device)
+        bar = tqdm(total=steps, desc=f"training the {dataset} classifier", disable=not progress, leave=False)
+        for _ in range(epochs):
+            perm = torch.randperm(len(x_all), generator=order).to(device)
+            for i in range(len(x_all) // batch):
+                idx = perm[i * batch:(i + 1) * batch]
+                model.train()
+                loss = F.cross_entropy(model(to_input(x_all[idx])), y_all[idx])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                bar.update()
+        bar.close()
+    _, probs = predict(model, test_x, device)
+    accuracy = float((probs.argmax(1) == test_y.numpy()).mean())
+    return model, accuracy
+
+
+def load_classifier(dataset, data_root, device, progress=True):
+    """The cached classifier (trained and saved when missing). Returns (model, test accuracy)."""
+    path = Path(data_root) / "classifiers" / f"{dataset}.pt"
+    if path.is_file():
+        try:
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+            model = Classifier().to(device)
+            model.load_state_dict(saved["state_dict"])
+            return model, saved["test_accuracy"]
+        except Exception:
+            print(f"{path} is unreadable; training the classifier again", file=sys.stderr)
+    started = time.time()
+    model, accuracy = train_classifier(dataset, data_root, device, progress=progress)
+    print(f"trained the {dataset} classifier in {time.time() - started:.0f}s: test accuracy {accuracy:.4f}",
+          file=sys.stderr)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        utils.save_checkpoint({"state_dict": {k: v.cpu() for k, v in model.state_dict().items()},
+                               "test_accuracy": accuracy, "epochs": CLASSIFIER_EPOCHS}, path)
+    except OSError as e:
+        print(f"could not cache the classifier at {path} ({e.strerror}); it will be trained again", file=sys.stderr)
+    return model, accuracy
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Metrics on features
+
+
+def _sqrt_psd(matrix):
+    """Symmetric square root of a symmetric positive semi-definite matrix (eigenvalues below 0 are rounding: 0)."""
+    values, vectors = np.linalg.eigh(matrix)
+    return (vectors * np.sqrt(np.clip(values, 0, None))) @ vectors.T
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2):
+    """||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^1/2), with tr (S1 S2)^1/2 = tr (S1^1/2 S2 S1^1/2)^1/2: a symmetric
+    PSD matrix, so eigh gives real eigenvalues and no complex part can leak out."""
+    root1 = _sqrt_psd(sigma1)
+    inner = root1 @ sigma2 @ root1
+    tr_sqrt = np.sqrt(np.clip(np.linalg.eigvalsh((inner + inner.T) / 2), 0, None)).sum()
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_sqrt)
+
+
+def fid(features1, features2):
+    return frechet_distance(features1.mean(0), np.cov(features1, rowvar=False),
+                            features2.mean(0), np.cov(features2, rowvar=False))
+
+
+def _kth_neighbour_radii(x, k, chunk=2048):
+    """Distance from each row of x to its k-th nearest other row."""
+    x = torch.as_tensor(x)
+    radii = []
+    for i in range(0, len(x), chunk):
+        d = torch.cdist(x[i:i + chunk], x)
+        radii.append(d.kthvalue(k + 1, dim=1).values)  # +1: the row itself, at distance 0
+    return torch.cat(radii)
+
+
+def _covered(queries, support, radii, chunk=2048):
+    """For each query: does it lie within the radius of at least one support point?"""
+    queries, support = torch.as_tensor(queries), torch.as_tensor(support)
+    inside = []
+    for i in range(0, len(queries), chunk):
+        inside.append((torch.cdist(queries[i:i + chunk], support) <= radii[None]).any(dim=1))
+    return torch.cat(inside)
+
+
+def precision_recall(real, fake, k=3):
+    """Kynkaanniemi et al. (2019): precision = share of fakes inside the real manifold (union of k-NN balls around
+    the reals), recall = share of reals inside the fake manifold."""
+    precision = _covered(fake, real, _kth_neighbour_radii(real, k)).double().mean().item()
+    recall = _covered(real, fake, _kth_neighbour_radii(fake, k)).double().mean().item()
+    return precision, recall
+
+
+def class_coverage(probs):
+    """(KL of the predicted-class histogram from uniform, number of classes with at least 1% of the samples)."""
+    hist = np.bincount(probs.argmax(1), minlength=NUM_CLASSES) / len(probs)
+    nonzero = hist[hist > 0]
+    return float((nonzero * np.log(nonzero * NUM_CLASSES)).sum()), int((hist >= 0.01).sum())
+
+
+def inception_score(probs, eps=1e-12):
+    """exp E_x KL(p(y|x) || p(y)) with the dataset's own classifier."""
+    marginal = probs.mean(0, keepdims=True)
+    kl = (probs * (np.log(probs + eps) - np.log(marginal + eps))).sum(1)
+    return float(np.exp(kl.mean()))
+
+
+def metrics(feats, probs, test_feats):
+    precision, recall = precision_recall(test_feats, feats)
+    class_kl, classes = class_coverage(probs)
+    return {"fid": fid(feats, test_feats), "precision": precision, "recall": recall, "class_kl": class_kl,
+            "classes_1pct": classes, "inception_score": inception_score(probs)}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Generators from checkpoints
+
+
+def to_uint8_28(images):
+    """[-1, 1] images N x C x H x W (or N x H*W) -> uint8 N x 28 x 28, 0 = black; antialiased resize when H != 28."""
+    if images.dim() == 2:
+        side = int(round(images.shape[1] ** 0.5))
+        images = images.view(-1, 1, side, side)
+    if images.shape[-1] != 28:
+        images = F.interpolate(images.float(), size=(28, 28), mode="bilinear", antialias=True, align_corners=False)
+    return ((images[:, 0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+@torch.no_grad()
+def sample(G, z_dim, n, device, seed=0, batch=1000):
+    """n images from G in eval mode with a fixed seed, as uint8 N x 28 x 28 on the CPU; G's mode is restored."""
+    was_training = G.training
+    G.eval()
+    gen = torch.Generator(device=device).manual_seed(seed)
+    out = [to_uint8_28(G(torch.randn(min(batch, n - i), z_dim, device=device, generator=gen))).cpu()
+           for i in range(0, n, batch)]
+    G.train(was_training)
+    return torch.cat(out)
+
+
+class Evaluator:
+    """Holds the classifier and the test split's features, so repeated evaluations during training cost only sampling."""
+
+    def __init__(self, dataset, data_root, device, progress=True):
+        self.device = device
+        self.model, self.accuracy = load_classifier(dataset, data_root, device, progress)
+        self.test_images, _ = utils.load_split(dataset, data_root, "test")
+        self.test_feats, _ = predict(self.model, self.test_images, device)
+        self.dataset, self.data_root = dataset, data_root
+
+    def images(self, images_uint8):
+        return metrics(*predict(self.model, images_uint8, self.device), self.test_feats)
+
+    def generator(self, G, z_dim, n, seed=0):
+        return self.images(sample(G, z_dim, n, self.device, seed))
+
+    def real_floor(self, n=10000):
+        train, _ = utils.load_split(self.dataset, self.data_root, "train")
+        return self.images(train[torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:n]])
+
+
+def generator_from_checkpoint(ckpt, device):
+    """Rebuild the generator a checkpoint describes (imports here keep this file free of the training scripts)."""
+    from models import Generator, WGANGenerator
+
+    a = ckpt["args"]
+    if ckpt["algo"] == "wgan":
+        G = WGANGenerator(a["z_dim"], (1, a["img_size"], a["img_size"]), a["g_widths"])
+    else:
+        G = Generator(a["z_dim"], a["img_size"] ** 2, a["g_hidden"])
+    G.load_state_dict(ckpt["G"])
+    return G.to(device), a["z_dim"]
+
+
+FORMATS = {"fid": "{:.3f}", "precision": "{:.3f}", "recall": "{:.3f}", "class_kl": "{:.4f}", "classes_1pct": "{}",
+           "inception_score": "{:.3f}"}
+
+
+def print_table(rows):
+    names = list(FORMATS)
+    print(f"{'':10}" + "".join(f"{n:>16}" for n in names))
+    for label, m in rows.items():
+        print(f"{label:10}" + "".join(f"{FORMATS[n].format(m[n]):>16}" for n in names))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, allow_abbrev=False,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run", help="a run folder or its checkpoint.pt")
+    parser.add_argument("--n", type=utils.positive_int, default=10000, help="generated images (default 10000)")
+    parser.add_argument("--data-root", default=None,
+                        help="folder of the data and the cached classifier (default: the run's own, else data)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the sampled noise (default 0)")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto")
+    parser.add_argument("--no-floor", dest="floor", action="store_false", help="skip the real-versus-real row")
+    parser.add_argument("--json", action="store_true", help="print one JSON line instead of the table")
+    parser.add_argument("--grid", metavar="PNG", help="save a grid of the first 64 samples")
+    parser.add_argument("--export", metavar="NPZ", help="save the samples as key 'images', uint8 N x 28 x 28")
+    args = parser.parse_args(argv)
+    for out in (args.grid, args.export):
+        if out and Path(out).exists():
+            raise utils.UserError(f"{out} already exists; choose another path or remove it first")
+    device = utils.select_device(args.device)
+    ckpt, path = utils.load_checkpoint(args.run, flag="run")
+    data_root = args.data_root or ckpt["args"].get("data_root", "data")
+    dataset = ckpt["args"]["dataset"]
+
+    started = time.time()
+    evaluator = Evaluator(dataset, data_root, device, progress=not args.json)
+    G, z_dim = generator_from_checkpoint(ckpt, device)
+    images = sample(G, z_dim, args.n, device, args.seed)
+    rows = {f"step {ckpt['step']}": evaluator.images(images)}
+    seconds = time.time() - started
+    if args.floor:
+        rows["real"] = evaluator.real_floor()
+    if args.grid:
+        utils.save_grid(utils.image_grid(utils.to_model_range(images[:64, None])), args.grid)
+    if args.export:
+        np.savez_compressed(args.export, images=images.numpy())
+    if args.json:
+        print(json.dumps({"checkpoint": str(path), "dataset": dataset, "n": args.n, "step": ckpt["step"],
+                          "classifier_accuracy": evaluator.accuracy, "seconds": round(seconds, 1),
+                          "metrics": rows[f"step {ckpt['step']}"], "real": rows.get("real")}))
+        return
+    print(f"{path} ({dataset}, {args.n} samples vs the test split; classifier test accuracy {evaluator.accuracy:.4f};"
+          f" {seconds:.1f}s)")
+    print_table(rows)
+
+
+if __name__ == "__main__":
+    utils.run_main(main)
