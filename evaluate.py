@@ -139,7 +139,8 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
     root1 = _sqrt_psd(sigma1)
     inner = root1 @ sigma2 @ root1
     tr_sqrt = np.sqrt(np.clip(np.linalg.eigvalsh((inner + inner.T) / 2), 0, None)).sum()
-    return float(((mu1 - mu2) ** 2).sum() + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_sqrt)
+    value = ((mu1 - mu2) ** 2).sum() + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_sqrt
+    return max(float(value), 0.0)  # a distance: below 0 only by rounding
 
 
 def fid(features1, features2):
@@ -240,6 +241,32 @@ class Evaluator:
     def real_floor(self, n=10000):
         train, _ = utils.load_split(self.dataset, self.data_root, "train")
         return self.images(train[torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:n]])
+
+
+class TrainingEval:
+    """Evaluation inside the training scripts: built on first use, logs eval/* to TensorBoard, writes metrics.json."""
+
+    LOGGED = ("fid", "precision", "recall", "class_kl")
+
+    def __init__(self, args, device):
+        self.args, self.device, self.evaluator = args, device, None
+
+    def __call__(self, G, writer, step):
+        a = self.args
+        if self.evaluator is None:
+            self.evaluator = Evaluator(a.dataset, a.data_root, self.device, progress=a.progress)
+        result = self.evaluator.generator(G, a.z_dim, a.eval_n)
+        for name in self.LOGGED:
+            writer.add_scalar(f"eval/{name}", result[name], step)
+        print(f"eval at step {step} ({a.eval_n} samples): " + "  ".join(f"{n} {result[n]:.4g}" for n in self.LOGGED),
+              flush=True)
+        return result
+
+    def final(self, G, writer, step, run_dir):
+        result = self(G, writer, step)
+        with open(Path(run_dir) / "metrics.json", "w") as f:
+            json.dump({"step": step, "n": self.args.eval_n, "classifier_accuracy": self.evaluator.accuracy, **result},
+                      f, indent=2)
 
 
 def generator_from_checkpoint(ckpt, device):

@@ -12,6 +12,7 @@ import time
 import torch
 from tqdm import tqdm
 
+import evaluate
 import utils
 from models import Discriminator, Generator
 
@@ -104,6 +105,7 @@ def main(argv=None):
                                "order": order.state_dict(), "fixed_noise": fixed_noise.cpu(),
                                "rng": utils.rng_state()}, run_dir / utils.CHECKPOINT)
 
+    run_eval = evaluate.TrainingEval(args, device)
     names = ("loss/D", "loss/G", "D(x)", "D(G(z))")
     max_steps = args.max_steps or float("inf")
     with utils.StopSignals() as stop:
@@ -133,10 +135,15 @@ def main(argv=None):
                     fakes = G(fixed_noise).view(-1, *img_shape)
                 utils.log_samples(writer, run_dir, fakes, order.epoch + 1, step)
                 order.next_epoch()
+                if args.eval and args.eval_every and order.epoch % args.eval_every == 0 and order.epoch < args.epochs:
+                    run_eval(G, writer, step)
             save_checkpoint()
-    writer.close()
     if stop.signum:
+        writer.close()
         raise utils.Interrupted(stop.signum)
+    if args.eval:  # training finished: the final quality numbers
+        run_eval.final(G, writer, step, run_dir)
+    writer.close()
     print(f"done: {run_dir} (step {step})")
 
 

@@ -13,6 +13,7 @@ import time
 import torch
 from tqdm import tqdm
 
+import evaluate
 import utils
 from models import Critic, WGANGenerator
 
@@ -101,6 +102,7 @@ def main(argv=None):
                                "order": order.state_dict(), "fixed_noise": fixed_noise.cpu(),
                                "rng": utils.rng_state()}, run_dir / utils.CHECKPOINT)
 
+    run_eval = evaluate.TrainingEval(args, device)
     max_steps = args.max_steps or float("inf")
     loss_G = None
     with utils.StopSignals() as stop:
@@ -143,10 +145,15 @@ def main(argv=None):
                 G.train()
                 utils.log_samples(writer, run_dir, fakes, order.epoch + 1, step)
                 order.next_epoch()
+                if args.eval and args.eval_every and order.epoch % args.eval_every == 0 and order.epoch < args.epochs:
+                    run_eval(G, writer, step)
             save_checkpoint()
-    writer.close()
     if stop.signum:
+        writer.close()
         raise utils.Interrupted(stop.signum)
+    if args.eval:  # training finished: the final quality numbers
+        run_eval.final(G, writer, step, run_dir)
+    writer.close()
     print(f"done: {run_dir} (step {step})")
 
 

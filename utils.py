@@ -71,7 +71,7 @@ def run_main(main, argv=None):
 
 DATASETS = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST"}  # flag value -> torchvision folder/class name
 # Flags that may differ on --resume: they change how a run is watched or where it runs, not what it computes.
-RUNTIME_FLAGS = {"epochs", "max_steps", "log_every", "checkpoint_every", "eval_every", "eval_n", "device",
+RUNTIME_FLAGS = {"epochs", "max_steps", "log_every", "checkpoint_every", "eval_every", "eval_n", "eval", "device",
                  "data_root", "runs_dir", "run_name", "resume", "progress"}
 
 
@@ -118,6 +118,10 @@ def add_common_args(parser, *, dataset, epochs, batch_size, lr, z_dim, img_size,
     add("--checkpoint-every", type=non_negative_int, default=500,
         help="steps between checkpoints (0 = only at epoch ends); also written on SIGINT/SIGTERM")
     add("--max-steps", type=positive_int, default=None, help="stop after this many steps in all (for smoke runs)")
+    add("--eval-every", type=non_negative_int, default=0,
+        help="epochs between quality evaluations (FID, precision, recall, class KL; see evaluate.py); 0 = at the end")
+    add("--eval-n", type=positive_int, default=10000, help="generated images per evaluation")
+    add("--no-eval", dest="eval", action="store_false", help="skip the quality evaluations (and metrics.json)")
     add("--no-progress", dest="progress", action="store_false", help="no tqdm bar (one line per epoch only)")
 
 

@@ -65,6 +65,7 @@ def run_python(code, cwd=None, timeout=240):
                           env=env)
 
 
-SMALL_VANILLA = ["--batch-size", "16", "--g-hidden", "32", "--d-hidden", "16", "--z-dim", "8", "--no-progress"]
+SMALL_VANILLA = ["--batch-size", "16", "--g-hidden", "32", "--d-hidden", "16", "--z-dim", "8", "--no-progress",
+                 "--eval-n", "64"]
 SMALL_WGAN = ["--batch-size", "16", "--g-widths", "16", "32", "--critic-widths", "32", "16", "--z-dim", "8",
-              "--n-critic", "3", "--no-progress"]
+              "--n-critic", "3", "--no-progress", "--eval-n", "64"]

@@ -53,6 +53,10 @@ def test_run_writes_events_grids_and_checkpoint(tmp_path, data_root, algo):
     assert ckpt["step"] == 16 and ckpt["order"]["epoch"] == 2 and ckpt["order"]["position"] == 0
     assert ckpt["args"]["img_size"] == size
     assert not list(run.glob("*.tmp"))
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["step"] == 16 and metrics["n"] == 64 and 0 <= metrics["precision"] <= 1 and metrics["fid"] > 0
+    assert [e.step for e in acc.Scalars("eval/fid")] == [16]
+    assert "eval at step 16 (64 samples): fid" in out.stdout
 
 
 def test_wgan_generator_steps_every_n_critic(tmp_path, data_root, monkeypatch):
