@@ -262,7 +262,16 @@ class TrainingEval:
               flush=True)
         return result
 
+    def after_epoch(self, G, writer, step, epochs_done):
+        """Every --eval-every epochs, but not after the last one (final() does that)."""
+        a = self.args
+        if a.eval and a.eval_every and epochs_done % a.eval_every == 0 and epochs_done < a.epochs:
+            self(G, writer, step)
+
     def final(self, G, writer, step, run_dir):
+        """At the end of training (unless --no-eval): logged, and saved as metrics.json in the run folder."""
+        if not self.args.eval:
+            return
         result = self(G, writer, step)
         with open(Path(run_dir) / "metrics.json", "w") as f:
             json.dump({"step": step, "n": self.args.eval_n, "classifier_accuracy": self.evaluator.accuracy, **result},

@@ -34,9 +34,9 @@ def make_parser():
 
 
 def bce(p, target):
-    """F.binary_cross_entropy (each log clamped at -100), written out: a NaN in p gives a NaN loss that the loop
-    reports as divergence, where F.binary_cross_entropy raises (CPU) or kills the CUDA context (GPU)."""
-    return -(target * p.log().clamp(min=-100) + (1 - target) * (1 - p).log().clamp(min=-100)).mean()
+    """F.binary_cross_entropy for 0/1 targets (the log clamped at -100, as there), written out: a NaN in p gives a NaN
+    loss that the loop reports as divergence, where F.binary_cross_entropy raises (CPU) or kills the CUDA context."""
+    return -torch.where(target > 0.5, p, 1 - p).log().clamp(min=-100).mean()
 
 
 def train_step(G, D, opt_G, opt_D, real, z):
@@ -85,14 +85,9 @@ def main(argv=None):
     opt_D = torch.optim.Adam(D.parameters(), lr=args.lr, betas=(args.beta1, args.beta2), **fast)
     fixed_noise = torch.randn(args.n_samples, args.z_dim, device=device)
     step = 0
+    parts = {"G": G, "D": D, "opt_G": opt_G, "opt_D": opt_D, "order": order}  # all a checkpoint restores
     if ckpt:
-        G.load_state_dict(ckpt["G"])
-        D.load_state_dict(ckpt["D"])
-        opt_G.load_state_dict(ckpt["opt_G"])
-        opt_D.load_state_dict(ckpt["opt_D"])
-        order.load_state_dict(ckpt["order"])
-        fixed_noise, step = ckpt["fixed_noise"].to(device), ckpt["step"]
-        utils.set_rng_state(ckpt["rng"])
+        fixed_noise, step = utils.restore_run_state(ckpt, parts, device)
         print(f"resuming {run_dir} at step {step} (epoch {order.epoch + 1}, batch {order.position})")
     writer = utils.open_writer(run_dir, args, resume_step=step if ckpt else None)
     if not ckpt:
@@ -100,10 +95,7 @@ def main(argv=None):
 
     def save_checkpoint():
         utils.check_finite(step, G=G, D=D)  # never write a diverged state over the last good one
-        utils.save_checkpoint({"algo": ALGO, "args": vars(args), "step": step, "G": G.state_dict(),
-                               "D": D.state_dict(), "opt_G": opt_G.state_dict(), "opt_D": opt_D.state_dict(),
-                               "order": order.state_dict(), "fixed_noise": fixed_noise.cpu(),
-                               "rng": utils.rng_state()}, run_dir / utils.CHECKPOINT)
+        utils.save_checkpoint(utils.run_state(ALGO, args, step, fixed_noise, parts), run_dir / utils.CHECKPOINT)
 
     run_eval = evaluate.TrainingEval(args, device)
     names = ("loss/D", "loss/G", "D(x)", "D(G(z))")
@@ -135,14 +127,12 @@ def main(argv=None):
                     fakes = G(fixed_noise).view(-1, *img_shape)
                 utils.log_samples(writer, run_dir, fakes, order.epoch + 1, step)
                 order.next_epoch()
-                if args.eval and args.eval_every and order.epoch % args.eval_every == 0 and order.epoch < args.epochs:
-                    run_eval(G, writer, step)
+                run_eval.after_epoch(G, writer, step, order.epoch)
             save_checkpoint()
     if stop.signum:
         writer.close()
         raise utils.Interrupted(stop.signum)
-    if args.eval:  # training finished: the final quality numbers
-        run_eval.final(G, writer, step, run_dir)
+    run_eval.final(G, writer, step, run_dir)
     writer.close()
     print(f"done: {run_dir} (step {step})")
 

@@ -82,14 +82,9 @@ def main(argv=None):
     opt_C = torch.optim.RMSprop(C.parameters(), lr=args.lr, **utils.optimizer_kwargs(device, fused=False))
     fixed_noise = torch.randn(args.n_samples, args.z_dim, device=device)
     step = 0  # critic steps (one per batch); the generator steps after every n_critic-th
+    parts = {"G": G, "C": C, "opt_G": opt_G, "opt_C": opt_C, "order": order}  # all a checkpoint restores
     if ckpt:
-        G.load_state_dict(ckpt["G"])
-        C.load_state_dict(ckpt["C"])
-        opt_G.load_state_dict(ckpt["opt_G"])
-        opt_C.load_state_dict(ckpt["opt_C"])
-        order.load_state_dict(ckpt["order"])
-        fixed_noise, step = ckpt["fixed_noise"].to(device), ckpt["step"]
-        utils.set_rng_state(ckpt["rng"])
+        fixed_noise, step = utils.restore_run_state(ckpt, parts, device)
         print(f"resuming {run_dir} at step {step} (epoch {order.epoch + 1}, batch {order.position})")
     writer = utils.open_writer(run_dir, args, resume_step=step if ckpt else None)
     if not ckpt:
@@ -97,10 +92,7 @@ def main(argv=None):
 
     def save_checkpoint():
         utils.check_finite(step, G=G, C=C)  # never write a diverged state over the last good one
-        utils.save_checkpoint({"algo": ALGO, "args": vars(args), "step": step, "G": G.state_dict(),
-                               "C": C.state_dict(), "opt_G": opt_G.state_dict(), "opt_C": opt_C.state_dict(),
-                               "order": order.state_dict(), "fixed_noise": fixed_noise.cpu(),
-                               "rng": utils.rng_state()}, run_dir / utils.CHECKPOINT)
+        utils.save_checkpoint(utils.run_state(ALGO, args, step, fixed_noise, parts), run_dir / utils.CHECKPOINT)
 
     run_eval = evaluate.TrainingEval(args, device)
     max_steps = args.max_steps or float("inf")
@@ -145,14 +137,12 @@ def main(argv=None):
                 G.train()
                 utils.log_samples(writer, run_dir, fakes, order.epoch + 1, step)
                 order.next_epoch()
-                if args.eval and args.eval_every and order.epoch % args.eval_every == 0 and order.epoch < args.epochs:
-                    run_eval(G, writer, step)
+                run_eval.after_epoch(G, writer, step, order.epoch)
             save_checkpoint()
     if stop.signum:
         writer.close()
         raise utils.Interrupted(stop.signum)
-    if args.eval:  # training finished: the final quality numbers
-        run_eval.final(G, writer, step, run_dir)
+    run_eval.final(G, writer, step, run_dir)
     writer.close()
     print(f"done: {run_dir} (step {step})")
 

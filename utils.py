@@ -386,6 +386,21 @@ def save_checkpoint(state, path):
         os.close(dir_fd)
 
 
+def run_state(algo, args, step, fixed_noise, parts):
+    """What a checkpoint holds: the state_dict of every part (networks, optimizers, epoch order), the step, the fixed
+    noise, the RNG states and the arguments."""
+    return {"algo": algo, "args": vars(args), "step": step, "fixed_noise": fixed_noise.cpu(), "rng": rng_state(),
+            **{name: part.state_dict() for name, part in parts.items()}}
+
+
+def restore_run_state(ckpt, parts, device):
+    """Load a checkpoint into the parts and the RNGs; returns (fixed noise, step)."""
+    for name, part in parts.items():
+        part.load_state_dict(ckpt[name])
+    set_rng_state(ckpt["rng"])
+    return ckpt["fixed_noise"].to(device), ckpt["step"]
+
+
 def check_finite(step, **values):
     """Raise Diverged naming the first NaN/inf among named tensors (losses, or modules' parameters and buffers)."""
     for name, value in values.items():
