@@ -94,7 +94,7 @@ def reference_batches(images, batch_size, img_size, seed):
 def our_batches(images, batch_size, seed):
     order = utils.EpochOrder(len(images), batch_size, seed)
     while True:
-        for idx in order.batches():
+        for idx in order.batches(images.device):
             yield utils.to_model_range(images[idx])
         order.next_epoch()
 

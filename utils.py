@@ -286,14 +286,16 @@ class EpochOrder:
         self.generator = torch.Generator().manual_seed(seed)
         self.epoch, self.position, self.perm = 0, 0, None
 
-    def batches(self):
-        """Yield index tensors for the rest of the current epoch; the position counts a batch as consumed once yielded."""
+    def batches(self, device="cpu"):
+        """Yield index tensors (on the device) for the rest of the current epoch; the position counts a batch as
+        consumed once yielded."""
         if self.perm is None:
             self.perm = torch.randperm(self.num_images, generator=self.generator)
+        perm = self.perm.to(device)  # one copy per epoch, not one per step
         while self.position < self.steps_per_epoch:
             start = self.position * self.batch_size
             self.position += 1
-            yield self.perm[start:start + self.batch_size]
+            yield perm[start:start + self.batch_size]
 
     def next_epoch(self):
         self.epoch, self.position, self.perm = self.epoch + 1, 0, None

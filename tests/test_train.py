@@ -120,14 +120,15 @@ def test_sigkill_then_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, 
     assert steps == list(range(1, 25)), f"TensorBoard steps doubled or missing (killed at {kill_at})"
 
 
-@pytest.mark.parametrize("algo", ["vanilla", "wgan"])
-def test_sigint_saves_a_loadable_checkpoint_and_exits_130(tmp_path, data_root, algo):
+@pytest.mark.parametrize("algo,sig,code", [("vanilla", "SIGINT", 130), ("wgan", "SIGINT", 130),
+                                           ("wgan", "SIGTERM", 143)])
+def test_sigint_sigterm_save_a_loadable_checkpoint_and_exit(tmp_path, data_root, algo, sig, code):
     script, step_fn, small, _ = SCRIPTS[algo]
     argv = ["--data-root", str(data_root), "--runs-dir", str(tmp_path), "--run-name", "r", "--epochs", "3",
             "--checkpoint-every", "0", *small]
-    out = run_python(killer(script, step_fn, 11, argv, sig="SIGINT"))
-    assert out.returncode == 130, out.stderr
-    assert "interrupted by SIGINT: checkpoint saved" in out.stderr and "Traceback" not in out.stderr
+    out = run_python(killer(script, step_fn, 11, argv, sig=sig))
+    assert out.returncode == code, out.stderr
+    assert f"interrupted by {sig}: checkpoint saved" in out.stderr and "Traceback" not in out.stderr
     ckpt = load(tmp_path / "r")
     assert ckpt["step"] == 11 and ckpt["order"]["position"] == 3  # mid-epoch 2
 
