@@ -69,7 +69,7 @@ def predict(model, images_uint8, device, batch=1000):
 
 
 def train_classifier(dataset, data_root, device, epochs=CLASSIFIER_EPOCHS, seed=0, progress=True):
-    """Train with a fixed seed on the train split; returns (model, test accuracy). RNG of the caller is left as it was."""
+    """Train with a fixed seed on the train split; returns (model, test accuracy). The caller's RNG is left alone."""
     train_x, train_y = utils.load_split(dataset, data_root, "train")
     test_x, test_y = utils.load_split(dataset, data_root, "test")
     with torch.random.fork_rng(devices=[]):
@@ -223,7 +223,7 @@ def sample(G, z_dim, n, device, seed=0, batch=1000):
 
 
 class Evaluator:
-    """Holds the classifier and the test split's features, so repeated evaluations during training cost only sampling."""
+    """The classifier and the test split's features, so repeated evaluations during training cost only sampling."""
 
     def __init__(self, dataset, data_root, device, progress=True):
         self.device = device

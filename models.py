@@ -1,4 +1,4 @@
-"""The four networks: an MLP GAN (generator + sigmoid discriminator) and a WGAN (BatchNorm MLP generator + linear critic)."""
+"""The four networks: an MLP GAN (generator + sigmoid discriminator) and a WGAN (BatchNorm MLP generator + critic)."""
 import torch.nn as nn
 
 
@@ -47,7 +47,8 @@ class Discriminator(nn.Module):
 
 
 class WGANGenerator(nn.Module):
-    """WGAN generator: blocks of 128 (no norm), 256, 512, 1024 units with BatchNorm1d and LeakyReLU(0.2), then -> C*H*W -> Tanh.
+    """WGAN generator: blocks of 128 (no norm), 256, 512, 1024 units with BatchNorm1d and LeakyReLU(0.2),
+    then -> C*H*W -> Tanh.
 
     BatchNorm1d keeps its default eps (1e-5); the often copied `nn.BatchNorm1d(n, 0.8)` sets eps=0.8 by mistake.
     """

@@ -103,8 +103,9 @@ def main(argv=None):
     with utils.StopSignals() as stop:
         while order.epoch < args.epochs and step < max_steps and not stop.signum:
             started, epoch_sums, epoch_steps = time.time(), torch.zeros(len(names), device=device), 0
-            bar = tqdm(order.batches(device), total=order.steps_per_epoch, initial=order.position, disable=not args.progress,
-                       desc=f"epoch {order.epoch + 1}/{args.epochs}", leave=False, dynamic_ncols=True)
+            bar = tqdm(order.batches(device), total=order.steps_per_epoch, initial=order.position,
+                       disable=not args.progress, desc=f"epoch {order.epoch + 1}/{args.epochs}", leave=False,
+                       dynamic_ncols=True)
             for idx in bar:
                 real = utils.to_model_range(images[idx])
                 z = torch.randn(args.batch_size, args.z_dim, device=device)

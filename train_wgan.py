@@ -27,7 +27,8 @@ def make_parser():
     # --clip-value 0.005 --n-critic 25 --img-size 32.
     utils.add_common_args(parser, dataset="fashion-mnist", epochs=50, batch_size=64, lr=5e-5, z_dim=100, img_size=28,
                           log_every=100)
-    parser.add_argument("--clip-value", type=utils.positive_float, default=0.01, help="critic weights clipped to [-c, c]")
+    parser.add_argument("--clip-value", type=utils.positive_float, default=0.01,
+                        help="critic weights clipped to [-c, c]")
     parser.add_argument("--n-critic", type=utils.positive_int, default=5, help="critic steps per generator step")
     parser.add_argument("--g-widths", type=utils.positive_int, nargs="+", default=[128, 256, 512, 1024],
                         help="generator block widths (BatchNorm1d in all but the first)")
@@ -42,7 +43,8 @@ def critic_step(G, C, opt_C, real, z, clip_value):
     with torch.no_grad():  # the fake is a constant here: no graph through G
         fake = G(z)
     batch = real.shape[0]
-    scores = C(torch.cat([real.flatten(1), fake.flatten(1)]))  # one forward over both (the critic has no batch statistics): the same math
+    # One forward over both: the critic has no batch statistics, so this is the same math as two.
+    scores = C(torch.cat([real.flatten(1), fake.flatten(1)]))
     loss_C = scores[batch:].mean() - scores[:batch].mean()
     opt_C.zero_grad(set_to_none=True)
     loss_C.backward()
@@ -100,8 +102,9 @@ def main(argv=None):
     with utils.StopSignals() as stop:
         while order.epoch < args.epochs and step < max_steps and not stop.signum:
             started, epoch_sums, epoch_steps = time.time(), torch.zeros(2, device=device), [0, 0]
-            bar = tqdm(order.batches(device), total=order.steps_per_epoch, initial=order.position, disable=not args.progress,
-                       desc=f"epoch {order.epoch + 1}/{args.epochs}", leave=False, dynamic_ncols=True)
+            bar = tqdm(order.batches(device), total=order.steps_per_epoch, initial=order.position,
+                       disable=not args.progress, desc=f"epoch {order.epoch + 1}/{args.epochs}", leave=False,
+                       dynamic_ncols=True)
             for idx in bar:
                 real = utils.to_model_range(images[idx])
                 z = torch.randn(args.batch_size, args.z_dim, device=device)
@@ -125,7 +128,8 @@ def main(argv=None):
                     break
             bar.close()
             if epoch_steps[0]:
-                means = {"loss/critic": epoch_sums[0] / epoch_steps[0], "wasserstein_estimate": -epoch_sums[0] / epoch_steps[0]}
+                mean_critic = epoch_sums[0] / epoch_steps[0]
+                means = {"loss/critic": mean_critic, "wasserstein_estimate": -mean_critic}
                 if epoch_steps[1]:
                     means["loss/G"] = epoch_sums[1] / epoch_steps[1]
                 means = utils.log_scalars(writer, step, means, tag="epoch_mean/")

@@ -1,6 +1,6 @@
 """What both training scripts share: arguments, device, seeding, data, run folders, checkpoints, logging, image grids.
 
-Errors a user can fix raise UserError; `run_main` turns them into one line on stderr and an exit code, never a traceback.
+Errors a user can fix raise UserError; `run_main` turns them into one stderr line and an exit code, never a traceback.
 """
 import argparse
 import datetime
@@ -218,8 +218,8 @@ def read_idx(path, magic):
 def _read_split(images_path, labels_path):
     images, labels = read_idx(images_path, IDX_IMAGES), read_idx(labels_path, IDX_LABELS)
     if images.shape[0] != labels.shape[0]:
-        raise DataError(f"{images_path} holds {images.shape[0]} images but {labels_path} holds {labels.shape[0]} labels;"
-                        " replace the mismatched file")
+        raise DataError(f"{images_path} holds {images.shape[0]} images but {labels_path} holds {labels.shape[0]}"
+                        " labels; replace the mismatched file")
     return images, labels
 
 
@@ -236,7 +236,7 @@ def _download(dataset, root, split):
 
 
 def load_split(dataset, root, split="train"):
-    """(images N x H x W uint8, labels N uint8) from local IDX files, else torchvision's download, else system folders."""
+    """(images N x H x W uint8, labels N uint8): local IDX files, else torchvision's download, else system folders."""
     raw = Path(root) / DATASETS[dataset] / "raw"
     paths = _split_files(raw, split)
     download_error = None
@@ -282,7 +282,7 @@ class EpochOrder:
             raise UserError(f"--batch-size {batch_size} is larger than the dataset ({num_images} images);"
                             " use a smaller --batch-size")
         self.num_images, self.batch_size = num_images, batch_size
-        self.steps_per_epoch = num_images // batch_size  # the last partial batch is dropped: every step sees a full batch
+        self.steps_per_epoch = num_images // batch_size  # the last partial batch is dropped: all steps see full ones
         self.generator = torch.Generator().manual_seed(seed)
         self.epoch, self.position, self.perm = 0, 0, None
 
@@ -474,8 +474,8 @@ def log_scalars(writer, step, values, tag=""):
     floats = {name: float(value) for name, value in values.items()}
     for name, value in floats.items():
         if not np.isfinite(value):
-            raise Diverged(f"training diverged at step {step}: {tag}{name} is {value}; the last good checkpoint is kept:"
-                           " lower --lr and start again or resume it")
+            raise Diverged(f"training diverged at step {step}: {tag}{name} is {value}; the last good checkpoint is"
+                           " kept: lower --lr and start again or resume it")
         writer.add_scalar(tag + name, value, step)
     return {name: round(value, 4) for name, value in floats.items()}
 

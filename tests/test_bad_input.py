@@ -10,7 +10,7 @@ import torch
 import train_vanilla_gan
 import train_wgan
 import utils
-from conftest import SMALL_VANILLA, SMALL_WGAN, make_dataset, write_idx
+from conftest import SMALL_VANILLA, make_dataset, write_idx
 
 
 @pytest.fixture(autouse=True)

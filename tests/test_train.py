@@ -3,7 +3,6 @@ import json
 import random
 import textwrap
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
