@@ -252,9 +252,8 @@ def main(argv=None):
     except utils.DataError:
         images, data = torch.randint(0, 256, (60000, 28, 28), dtype=torch.uint8), "random uint8 images"
     matmul = matmul_gflops(device)
-    name = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
-    result = {"device": name,
-              "torch": torch.__version__, "data": data, "matmul_gflops": round(matmul, 1)}
+    device_name = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    result = {"device": device_name, "torch": torch.__version__, "data": data, "matmul_gflops": round(matmul, 1)}
     for name, setup in (("vanilla", vanilla_setup), ("wgan", wgan_setup)):
         r = bench_algo(setup, images, device, args.steps, args.repeats, args.warmup)
         r["flop_fraction"] = round(r["achieved_gflops"] / matmul, 3)

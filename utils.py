@@ -39,8 +39,9 @@ class DataError(UserError):
 
 
 class Diverged(UserError):
-    def __init__(self, message):
-        super().__init__(message, EXIT_DIVERGED)
+    def __init__(self, step, what):
+        super().__init__(f"training diverged at step {step}: {what}; the last good checkpoint is kept:"
+                         " lower --lr and start again or resume it", EXIT_DIVERGED)
 
 
 class Interrupted(Exception):
@@ -410,8 +411,7 @@ def check_finite(step, **values):
         for key, tensor in tensors:
             if tensor.is_floating_point() and not torch.isfinite(tensor).all():
                 what = f"{name}.{key}" if key else name
-                raise Diverged(f"training diverged at step {step}: {what} is not finite (NaN or inf);"
-                               " the last good checkpoint is kept: lower --lr and start again or resume it")
+                raise Diverged(step, f"{what} is not finite (NaN or inf)")
 
 
 class StopSignals:
@@ -474,8 +474,7 @@ def log_scalars(writer, step, values, tag=""):
     floats = {name: float(value) for name, value in values.items()}
     for name, value in floats.items():
         if not np.isfinite(value):
-            raise Diverged(f"training diverged at step {step}: {tag}{name} is {value}; the last good checkpoint is"
-                           " kept: lower --lr and start again or resume it")
+            raise Diverged(step, f"{tag}{name} is {value}")
         writer.add_scalar(tag + name, value, step)
     return {name: round(value, 4) for name, value in floats.items()}
 
