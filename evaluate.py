@@ -278,17 +278,19 @@ class TrainingEval:
                       f, indent=2)
 
 
-def generator_from_checkpoint(ckpt, device):
-    """Rebuild the generator a checkpoint describes (imports here keep this file free of the training scripts)."""
+def generator_from_checkpoint(ckpt, device, raw=False):
+    """Rebuild the generator a checkpoint describes: its weight average (EMA) when it holds one, unless raw, else the
+    trained weights. Returns (G, z_dim, "ema" or "raw"). Imports here keep this file free of the training scripts."""
     from models import Generator, WGANGenerator
 
     a = ckpt["args"]
     if ckpt["algo"] == "wgan":
         G = WGANGenerator(a["z_dim"], (1, a["img_size"], a["img_size"]), a["g_widths"])
-    else:
-        G = Generator(a["z_dim"], a["img_size"] ** 2, a["g_hidden"])
-    G.load_state_dict(ckpt["G"])
-    return G.to(device), a["z_dim"]
+    else:  # checkpoints from before the list flags and the slope flag hold one width and slope 0.1
+        G = Generator(a["z_dim"], a["img_size"] ** 2, a["g_hidden"], a.get("leaky_slope", 0.1))
+    weights = "raw" if raw or "G_ema" not in ckpt else "ema"
+    G.load_state_dict(ckpt["G"] if weights == "raw" else ckpt["G_ema"])
+    return G.to(device), a["z_dim"], weights
 
 
 FORMATS = {"fid": "{:.3f}", "precision": "{:.3f}", "recall": "{:.3f}", "class_kl": "{:.4f}", "classes_1pct": "{}",
@@ -311,6 +313,8 @@ def main(argv=None):
                         help="folder of the data and the cached classifier (default: the run's own, else data)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the sampled noise (default 0)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto")
+    parser.add_argument("--raw", action="store_true",
+                        help="score the trained generator, not its weight average (EMA) when the checkpoint has one")
     parser.add_argument("--no-floor", dest="floor", action="store_false", help="skip the real-versus-real row")
     parser.add_argument("--json", action="store_true", help="print one JSON line instead of the table")
     parser.add_argument("--grid", metavar="PNG", help="save a grid of the first 64 samples")
@@ -326,7 +330,7 @@ def main(argv=None):
 
     started = time.time()
     evaluator = Evaluator(dataset, data_root, device, progress=not args.json)
-    G, z_dim = generator_from_checkpoint(ckpt, device)
+    G, z_dim, weights = generator_from_checkpoint(ckpt, device, args.raw)
     images = sample(G, z_dim, args.n, device, args.seed)
     rows = {f"step {ckpt['step']}": evaluator.images(images)}
     seconds = time.time() - started
@@ -337,12 +341,12 @@ def main(argv=None):
     if args.export:
         np.savez_compressed(args.export, images=images.numpy())
     if args.json:
-        print(json.dumps({"checkpoint": str(path), "dataset": dataset, "n": args.n, "step": ckpt["step"],
-                          "classifier_accuracy": evaluator.accuracy, "seconds": round(seconds, 1),
+        print(json.dumps({"checkpoint": str(path), "dataset": dataset, "weights": weights, "n": args.n,
+                          "step": ckpt["step"], "classifier_accuracy": evaluator.accuracy, "seconds": round(seconds, 1),
                           "metrics": rows[f"step {ckpt['step']}"], "real": rows.get("real")}))
         return
-    print(f"{path} ({dataset}, {args.n} samples vs the test split; classifier test accuracy {evaluator.accuracy:.4f};"
-          f" {seconds:.1f}s)")
+    print(f"{path} ({dataset}, {weights} weights, {args.n} samples vs the test split; classifier test accuracy"
+          f" {evaluator.accuracy:.4f}; {seconds:.1f}s)")
     print_table(rows)
 
 

@@ -1,4 +1,7 @@
 """The four networks: an MLP GAN (generator + sigmoid discriminator) and a WGAN (BatchNorm MLP generator + critic)."""
+import copy
+
+import torch
 import torch.nn as nn
 
 
@@ -12,17 +15,25 @@ def init_weights(module):
         nn.init.zeros_(module.bias)
 
 
-class Generator(nn.Module):
-    """Vanilla GAN generator: z -> 256 -> LeakyReLU(0.1) -> img_dim -> Tanh."""
+def _widths(widths):
+    """A list of hidden widths; an int (how checkpoints before the list flags stored one width) is a list of one."""
+    return [widths] if isinstance(widths, int) else list(widths)
 
-    def __init__(self, z_dim=64, img_dim=784, hidden=256):
+
+class Generator(nn.Module):
+    """Vanilla GAN generator: z -> [Linear -> LeakyReLU] per hidden width -> img_dim -> Tanh.
+
+    The source's network is one hidden layer of 256 units with LeakyReLU(0.1): Generator(64, 784, [256], 0.1).
+    """
+
+    def __init__(self, z_dim=64, img_dim=784, widths=(256,), slope=0.1):
         super().__init__()
-        self.net = nn.Sequential(
-            nn.Linear(z_dim, hidden),
-            nn.LeakyReLU(0.1),
-            nn.Linear(hidden, img_dim),
-            nn.Tanh(),
-        )
+        layers, width_in = [], z_dim
+        for width in _widths(widths):
+            layers += [nn.Linear(width_in, width), nn.LeakyReLU(slope)]
+            width_in = width
+        layers += [nn.Linear(width_in, img_dim), nn.Tanh()]
+        self.net = nn.Sequential(*layers)
         self.apply(init_weights)
 
     def forward(self, z):
@@ -30,16 +41,23 @@ class Generator(nn.Module):
 
 
 class Discriminator(nn.Module):
-    """Vanilla GAN discriminator: img_dim -> 128 -> LeakyReLU(0.1) -> 1 -> Sigmoid, so D(x) is a probability."""
+    """Vanilla GAN discriminator: img_dim -> [Linear -> LeakyReLU (-> Dropout)] per hidden width -> 1 -> Sigmoid, so
+    D(x) is a probability.
 
-    def __init__(self, img_dim=784, hidden=128):
+    The source's network is one hidden layer of 128 units, LeakyReLU(0.1), no dropout: Discriminator(784, [128], 0.1).
+    Dropout layers exist only when dropout > 0, so the source's parameter names (net.0, net.2) stay what they were.
+    """
+
+    def __init__(self, img_dim=784, widths=(128,), slope=0.1, dropout=0.0):
         super().__init__()
-        self.net = nn.Sequential(
-            nn.Linear(img_dim, hidden),
-            nn.LeakyReLU(0.1),
-            nn.Linear(hidden, 1),
-            nn.Sigmoid(),
-        )
+        layers, width_in = [], img_dim
+        for width in _widths(widths):
+            layers += [nn.Linear(width_in, width), nn.LeakyReLU(slope)]
+            if dropout > 0:
+                layers.append(nn.Dropout(dropout))
+            width_in = width
+        layers += [nn.Linear(width_in, 1), nn.Sigmoid()]
+        self.net = nn.Sequential(*layers)
         self.apply(init_weights)
 
     def forward(self, x):
@@ -88,3 +106,28 @@ class Critic(nn.Module):
 
     def forward(self, x):
         return self.net(x.flatten(1))
+
+
+class EMA:
+    """An exponential moving average of a generator's weights, for sampling; the raw generator is what trains.
+
+    After each generator step: ema <- decay * ema + (1 - decay) * G for every parameter (it starts as a copy of G).
+    Buffers (BatchNorm running statistics) are copied from G, not averaged.
+    """
+
+    def __init__(self, G, decay):
+        self.model = copy.deepcopy(G).eval().requires_grad_(False)
+        self.decay = decay
+
+    @torch.no_grad()
+    def update(self, G):
+        # lerp: ema + (1 - decay) * (G - ema), one kernel for all tensors; exactly G at decay 0, ema at decay 1
+        torch._foreach_lerp_(list(self.model.parameters()), list(G.parameters()), 1.0 - self.decay)
+        for ema_buffer, buffer in zip(self.model.buffers(), G.buffers()):
+            ema_buffer.copy_(buffer)
+
+    def state_dict(self):
+        return self.model.state_dict()
+
+    def load_state_dict(self, state):
+        self.model.load_state_dict(state)

@@ -19,16 +19,35 @@ from models import Discriminator, Generator
 ALGO = "vanilla_gan"
 
 
+# The source's settings (simple-GAN tutorial): `--preset source`. The defaults were chosen by measured sample quality
+# at 10 epochs (README, Results; every run tried is in docs/tuning.md).
+PRESETS = {
+    "default": {},
+    "source": {"lr": 3e-4, "beta1": 0.9, "beta2": 0.999, "batch_size": 32, "z_dim": 64, "g_hidden": [256],
+               "d_hidden": [128], "leaky_slope": 0.1, "d_dropout": 0.0, "ema_decay": 0.0},
+}
+# Flags that checkpoints written before they existed lack, with the values that code trained with.
+# (A run without the average gets one on resume, started as a copy of G.)
+LEGACY = {"preset": None, "leaky_slope": 0.1, "d_dropout": 0.0}
+
+
 def make_parser():
     parser = argparse.ArgumentParser(description=__doc__, allow_abbrev=False,
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    # Defaults of the simple-GAN source: MNIST, Adam lr 3e-4, z 64, batch 32, 50 epochs.
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="default",
+                        help="a set of defaults (flags typed explicitly override it): " + utils.preset_help(PRESETS))
     utils.add_common_args(parser, dataset="mnist", epochs=50, batch_size=32, lr=3e-4, z_dim=64, img_size=28,
                           log_every=100)
-    parser.add_argument("--beta1", type=float, default=0.9, help="Adam beta1 (PyTorch's default, as in the source)")
+    parser.add_argument("--beta1", type=float, default=0.5, help="Adam beta1 (0.5 as in DCGAN; the source: 0.9)")
     parser.add_argument("--beta2", type=float, default=0.999, help="Adam beta2")
-    parser.add_argument("--g-hidden", type=utils.positive_int, default=256, help="generator hidden units")
-    parser.add_argument("--d-hidden", type=utils.positive_int, default=128, help="discriminator hidden units")
+    parser.add_argument("--g-hidden", type=utils.positive_int, nargs="+", default=[1024, 2048],
+                        help="generator hidden widths")
+    parser.add_argument("--d-hidden", type=utils.positive_int, nargs="+", default=[1024],
+                        help="discriminator hidden widths")
+    parser.add_argument("--leaky-slope", type=utils.fraction, default=0.1, help="negative slope of every LeakyReLU")
+    parser.add_argument("--d-dropout", type=utils.fraction, default=0.3, help="dropout after each hidden layer of D (0 = none)")
+    parser.add_argument("--ema-decay", type=utils.fraction, default=0.999,
+                        help="decay of the generator's weight average used for samples and evaluations (0 = off)")
     parser.add_argument("--n-samples", type=utils.positive_int, default=32, help="size of the fixed noise batch")
     return parser
 
@@ -68,7 +87,8 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = make_parser()
     args = parser.parse_args(argv)
-    ckpt = utils.resume_config(args, parser, argv, ALGO) if args.resume else None
+    utils.apply_preset(args, parser, argv, PRESETS)
+    ckpt = utils.resume_config(args, parser, argv, ALGO, LEGACY) if args.resume else None
     device = utils.select_device(args.device)
     utils.seed_everything(args.seed)
 
@@ -78,8 +98,8 @@ def main(argv=None):
     img_shape = tuple(images.shape[1:])
     img_dim = images[0].numel()
 
-    G = Generator(args.z_dim, img_dim, args.g_hidden).to(device)
-    D = Discriminator(img_dim, args.d_hidden).to(device)
+    G = Generator(args.z_dim, img_dim, args.g_hidden, args.leaky_slope).to(device)
+    D = Discriminator(img_dim, args.d_hidden, args.leaky_slope, args.d_dropout).to(device)
     fast = utils.optimizer_kwargs(device)
     opt_G = torch.optim.Adam(G.parameters(), lr=args.lr, betas=(args.beta1, args.beta2), **fast)
     opt_D = torch.optim.Adam(D.parameters(), lr=args.lr, betas=(args.beta1, args.beta2), **fast)
@@ -89,6 +109,8 @@ def main(argv=None):
     if ckpt:
         fixed_noise, step = utils.restore_run_state(ckpt, parts, device)
         print(f"resuming {run_dir} at step {step} (epoch {order.epoch + 1}, batch {order.position})")
+    ema = utils.make_ema(G, args.ema_decay, ckpt, parts)  # restored, or a copy of G
+    G_sample = ema.model if ema else G  # what the grids and evaluations draw from
     writer = utils.open_writer(run_dir, args, resume_step=step if ckpt else None)
     if not ckpt:
         writer.add_image("real", utils.image_grid(utils.to_model_range(images[:args.n_samples])), 0)
@@ -110,6 +132,8 @@ def main(argv=None):
                 real = utils.to_model_range(images[idx])
                 z = torch.randn(args.batch_size, args.z_dim, device=device)
                 values = torch.stack(train_step(G, D, opt_G, opt_D, real, z))
+                if ema:
+                    ema.update(G)
                 step += 1
                 epoch_sums += values
                 epoch_steps += 1
@@ -125,15 +149,15 @@ def main(argv=None):
                 utils.print_epoch(order.epoch + 1, args.epochs, step, means, time.time() - started)
             if order.position == order.steps_per_epoch:  # the epoch is complete: its sample grid, then the next one
                 with torch.no_grad():
-                    fakes = G(fixed_noise).view(-1, *img_shape)
+                    fakes = G_sample(fixed_noise).view(-1, *img_shape)
                 utils.log_samples(writer, run_dir, fakes, order.epoch + 1, step)
                 order.next_epoch()
-                run_eval.after_epoch(G, writer, step, order.epoch)
+                run_eval.after_epoch(G_sample, writer, step, order.epoch)
             save_checkpoint()
     if stop.signum:
         writer.close()
         raise utils.Interrupted(stop.signum)
-    run_eval.final(G, writer, step, run_dir)
+    run_eval.final(G_sample, writer, step, run_dir)
     writer.close()
     print(f"done: {run_dir} (step {step})")
 

@@ -20,12 +20,24 @@ from models import Critic, WGANGenerator
 ALGO = "wgan"
 
 
+# Algorithm 1 of the paper: `--preset paper`; the WGAN source's own run: `--preset source`. The defaults were chosen by
+# measured sample quality at 10 epochs (README, Results; every run tried is in docs/tuning.md).
+PAPER = {"lr": 5e-5, "clip_value": 0.01, "n_critic": 5, "batch_size": 64, "z_dim": 100, "img_size": 28,
+         "g_widths": [128, 256, 512, 1024], "critic_widths": [512, 256], "ema_decay": 0.0}
+PRESETS = {
+    "default": {},
+    "paper": PAPER,
+    "source": {**PAPER, "clip_value": 0.005, "n_critic": 25, "img_size": 32},
+}
+LEGACY = {"preset": None}  # flags that checkpoints written before they existed lack (see train_vanilla_gan.py)
+
+
 def make_parser():
     parser = argparse.ArgumentParser(description=__doc__, allow_abbrev=False,
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    # Algorithm 1's values: RMSprop lr 5e-5, c = 0.01, n_critic = 5, batch 64. The WGAN source's own run:
-    # --clip-value 0.005 --n-critic 25 --img-size 32.
-    utils.add_common_args(parser, dataset="fashion-mnist", epochs=50, batch_size=64, lr=5e-5, z_dim=100, img_size=28,
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="default",
+                        help="a set of defaults (flags typed explicitly override it): " + utils.preset_help(PRESETS))
+    utils.add_common_args(parser, dataset="fashion-mnist", epochs=50, batch_size=64, lr=1e-4, z_dim=100, img_size=28,
                           log_every=100)
     parser.add_argument("--clip-value", type=utils.positive_float, default=0.01,
                         help="critic weights clipped to [-c, c]")
@@ -34,6 +46,8 @@ def make_parser():
                         help="generator block widths (BatchNorm1d in all but the first)")
     parser.add_argument("--critic-widths", type=utils.positive_int, nargs="+", default=[512, 256],
                         help="critic hidden widths")
+    parser.add_argument("--ema-decay", type=utils.fraction, default=0.0,
+                        help="decay of the generator's weight average used for samples and evaluations (0 = off)")
     parser.add_argument("--n-samples", type=utils.positive_int, default=64, help="size of the fixed noise batch")
     return parser
 
@@ -69,7 +83,8 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = make_parser()
     args = parser.parse_args(argv)
-    ckpt = utils.resume_config(args, parser, argv, ALGO) if args.resume else None
+    utils.apply_preset(args, parser, argv, PRESETS)
+    ckpt = utils.resume_config(args, parser, argv, ALGO, LEGACY) if args.resume else None
     device = utils.select_device(args.device)
     utils.seed_everything(args.seed)
 
@@ -88,6 +103,8 @@ def main(argv=None):
     if ckpt:
         fixed_noise, step = utils.restore_run_state(ckpt, parts, device)
         print(f"resuming {run_dir} at step {step} (epoch {order.epoch + 1}, batch {order.position})")
+    ema = utils.make_ema(G, args.ema_decay, ckpt, parts)  # restored, or a copy of G
+    G_sample = ema.model if ema else G  # what the grids and evaluations draw from
     writer = utils.open_writer(run_dir, args, resume_step=step if ckpt else None)
     if not ckpt:
         writer.add_image("real", utils.image_grid(utils.to_model_range(images[:args.n_samples])), 0)
@@ -115,6 +132,8 @@ def main(argv=None):
                 if step % args.n_critic == 0:
                     z = torch.randn(args.batch_size, args.z_dim, device=device)
                     loss_G = generator_step(G, C, opt_G, z)
+                    if ema:
+                        ema.update(G)
                     epoch_sums[1] += loss_G
                     epoch_steps[1] += 1
                 if step % args.log_every == 0:
@@ -135,18 +154,18 @@ def main(argv=None):
                 means = utils.log_scalars(writer, step, means, tag="epoch_mean/")
                 utils.print_epoch(order.epoch + 1, args.epochs, step, means, time.time() - started)
             if order.position == order.steps_per_epoch:  # the epoch is complete: its sample grid, then the next one
-                G.eval()  # sample with BatchNorm's running statistics, not the fixed batch's own
+                G_sample.eval()  # sample with BatchNorm's running statistics, not the fixed batch's own
                 with torch.no_grad():
-                    fakes = G(fixed_noise)
+                    fakes = G_sample(fixed_noise)
                 G.train()
                 utils.log_samples(writer, run_dir, fakes, order.epoch + 1, step)
                 order.next_epoch()
-                run_eval.after_epoch(G, writer, step, order.epoch)
+                run_eval.after_epoch(G_sample, writer, step, order.epoch)
             save_checkpoint()
     if stop.signum:
         writer.close()
         raise utils.Interrupted(stop.signum)
-    run_eval.final(G, writer, step, run_dir)
+    run_eval.final(G_sample, writer, step, run_dir)
     writer.close()
     print(f"done: {run_dir} (step {step})")
 

@@ -100,6 +100,17 @@ def positive_float(text):
     return value
 
 
+def fraction(text):
+    """A number in [0, 1): a decay, a dropout rate, a LeakyReLU slope."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text}")
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 0 and below 1, got {text}")
+    return value
+
+
 def add_common_args(parser, *, dataset, epochs, batch_size, lr, z_dim, img_size, log_every):
     """The flags both scripts share, with each script's own defaults."""
     add = parser.add_argument
@@ -124,6 +135,24 @@ def add_common_args(parser, *, dataset, epochs, batch_size, lr, z_dim, img_size,
     add("--eval-n", type=positive_int, default=10000, help="generated images per evaluation")
     add("--no-eval", dest="eval", action="store_false", help="skip the quality evaluations (and metrics.json)")
     add("--no-progress", dest="progress", action="store_false", help="no tqdm bar (one line per epoch only)")
+
+
+def preset_help(presets):
+    """--preset's help: the values each preset sets."""
+    return "; ".join(f"{name}: " + (", ".join(f"--{k.replace('_', '-')} {_flag_text(v)}" for k, v in values.items())
+                                     or "the defaults shown") for name, values in presets.items())
+
+
+def _flag_text(value):
+    return " ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+
+
+def apply_preset(args, parser, argv, presets):
+    """Set the chosen preset's values on every flag the user did not type (typed flags override a preset)."""
+    given = explicit_flags(parser, argv)
+    for key, value in presets[args.preset].items():
+        if key not in given:
+            setattr(args, key, list(value) if isinstance(value, (list, tuple)) else value)
 
 
 def explicit_flags(parser, argv):
@@ -335,12 +364,15 @@ def load_checkpoint(path, flag="--resume"):
     return ckpt, path
 
 
-def resume_config(args, parser, argv, algo):
-    """On --resume: load the checkpoint and adopt its configuration; explicit flags that differ from it are an error."""
+def resume_config(args, parser, argv, algo, legacy=None):
+    """On --resume: load the checkpoint and adopt its configuration; explicit flags that differ from it are an error.
+
+    legacy: values of flags that older checkpoints lack, as the code that wrote them behaved (a new flag's default may
+    differ from what the run was trained with)."""
     ckpt, path = load_checkpoint(args.resume)
     if ckpt["algo"] != algo:
         raise UserError(f"--resume {path}: it is a {ckpt['algo']} checkpoint; resume it with train_{ckpt['algo']}.py")
-    saved = ckpt["args"]
+    saved = {**(legacy or {}), **ckpt["args"]}
     given = explicit_flags(parser, argv)
     conflicts = [f"--{k.replace('_', '-')} {getattr(args, k)} (checkpoint: {saved[k]})"
                  for k in sorted(given - RUNTIME_FLAGS) if k in saved and saved[k] != getattr(args, k)]
@@ -402,6 +434,20 @@ def restore_run_state(ckpt, parts, device):
         part.load_state_dict(ckpt[name])
     set_rng_state(ckpt["rng"])
     return ckpt["fixed_noise"].to(device), ckpt["step"]
+
+
+def make_ema(G, decay, ckpt, parts):
+    """The generator's weight average (None when decay is 0), restored from the checkpoint when it holds one, else a
+    copy of G (also for checkpoints written before the average existed); added to the parts a checkpoint saves."""
+    if not decay:
+        return None
+    from models import EMA
+
+    ema = EMA(G, decay)
+    if ckpt and "G_ema" in ckpt:
+        ema.load_state_dict(ckpt["G_ema"])
+    parts["G_ema"] = ema
+    return ema
 
 
 def check_finite(step, **values):

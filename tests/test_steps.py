@@ -24,7 +24,7 @@ def linears(module):
 
 def test_vanilla_losses_match_hand_computation():
     torch.manual_seed(0)
-    G, D = Generator(z_dim=8, img_dim=784, hidden=32), Discriminator(784, hidden=16)
+    G, D = Generator(z_dim=8, img_dim=784, widths=[32]), Discriminator(784, widths=[16])
     opt_G, opt_D = torch.optim.Adam(G.parameters(), lr=1e-2), torch.optim.Adam(D.parameters(), lr=1e-2)
     real = torch.rand(6, 1, 28, 28) * 2 - 1
     z = torch.randn(6, 8)
@@ -82,8 +82,8 @@ def _clone_pair(make):
 
 
 def test_fast_vanilla_step_equals_reference_step():
-    G1, G2 = _clone_pair(lambda: Generator(16, 784, 64))
-    D1, D2 = _clone_pair(lambda: Discriminator(784, 32))
+    G1, G2 = _clone_pair(lambda: Generator(16, 784, [64]))
+    D1, D2 = _clone_pair(lambda: Discriminator(784, [32]))
     fast_opts = [torch.optim.Adam(m.parameters(), lr=1e-3, fused=True) for m in (G1, D1)]
     ref_opts = [torch.optim.Adam(m.parameters(), lr=1e-3) for m in (G2, D2)]
     for i in range(3):

@@ -1,0 +1,205 @@
+"""Presets (`--preset source|paper`), the generator's weight average (`--ema-decay`), and checkpoints written before
+either existed (tests/legacy/: made by the scripts of commit d6a8a62 on the tiny test data)."""
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams import plugin_data_pb2
+
+import evaluate
+import train_vanilla_gan
+import train_wgan
+import utils
+from conftest import SMALL_VANILLA, SMALL_WGAN, run_script
+from models import EMA, Discriminator, Generator, WGANGenerator
+
+LEGACY = Path(__file__).parent / "legacy"
+
+
+def resolve(module, argv):
+    """The arguments a script's main() trains with, for a command line (no resume)."""
+    parser = module.make_parser()
+    args = parser.parse_args(argv)
+    utils.apply_preset(args, parser, argv, module.PRESETS)
+    return args
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Presets
+
+
+def test_vanilla_source_preset_restores_the_tutorials_settings():
+    a = resolve(train_vanilla_gan, ["--preset", "source"])
+    assert (a.lr, a.beta1, a.beta2, a.batch_size, a.z_dim) == (3e-4, 0.9, 0.999, 32, 64)
+    assert (a.g_hidden, a.d_hidden, a.leaky_slope, a.d_dropout, a.ema_decay) == ([256], [128], 0.1, 0.0, 0.0)
+    default = resolve(train_vanilla_gan, [])
+    assert default.preset == "default" and default.ema_decay > 0 and default.beta1 != 0.9
+
+
+def test_wgan_paper_and_source_presets():
+    paper = resolve(train_wgan, ["--preset", "paper"])  # Algorithm 1
+    assert (paper.lr, paper.clip_value, paper.n_critic, paper.batch_size, paper.img_size) == (5e-5, 0.01, 5, 64, 28)
+    assert paper.ema_decay == 0.0
+    source = resolve(train_wgan, ["--preset", "source"])  # the WGAN code's own run
+    assert (source.lr, source.clip_value, source.n_critic, source.img_size) == (5e-5, 0.005, 25, 32)
+    assert source.g_widths == [128, 256, 512, 1024] and source.critic_widths == [512, 256]
+
+
+@pytest.mark.parametrize("argv", [["--preset", "source", "--beta1", "0.5", "--g-hidden", "512", "--ema-decay", "0.99"],
+                                  ["--beta1=0.5", "--g-hidden=512", "--ema-decay=0.99", "--preset=source"]])
+def test_flags_typed_explicitly_override_the_preset(argv):
+    a = resolve(train_vanilla_gan, argv)
+    assert (a.beta1, a.g_hidden, a.ema_decay) == (0.5, [512], 0.99)
+    assert (a.lr, a.d_hidden, a.d_dropout) == (3e-4, [128], 0.0)  # the rest from the preset
+    w = resolve(train_wgan, ["--preset", "source", "--n-critic", "5"])
+    assert (w.n_critic, w.clip_value, w.img_size) == (5, 0.005, 32)
+
+
+def test_help_shows_the_values_each_preset_sets():
+    text = " ".join(train_wgan.make_parser().format_help().split())
+    assert "source: --lr 5e-05, --clip-value 0.005, --n-critic 25" in text
+    assert "paper: --lr 5e-05, --clip-value 0.01, --n-critic 5" in text
+    text = " ".join(train_vanilla_gan.make_parser().format_help().split())
+    assert "source: --lr 0.0003, --beta1 0.9" in text and "--g-hidden 256, --d-hidden 128" in text
+
+
+def test_preset_and_resolved_values_go_to_config_hparams_and_checkpoint(tmp_path, data_root):
+    out = run_script("train_vanilla_gan.py", "--preset", "source", "--data-root", data_root, "--runs-dir", tmp_path,
+                     "--run-name", "s", "--max-steps", "3", "--batch-size", "16", "--no-eval", "--no-progress")
+    assert out.returncode == 0, out.stderr
+    ckpt = torch.load(tmp_path / "s" / "checkpoint.pt", weights_only=True)
+    a = ckpt["args"]
+    assert (a["preset"], a["beta1"], a["g_hidden"], a["d_dropout"], a["ema_decay"], a["batch_size"]) == \
+        ("source", 0.9, [256], 0.0, 0.0, 16)
+    assert "G_ema" not in ckpt  # EMA off in the source preset
+    assert list(ckpt["D"]) == ["net.0.weight", "net.0.bias", "net.2.weight", "net.2.bias"]  # the source's network
+    acc = EventAccumulator(str(tmp_path / "s"), size_guidance={"tensors": 0})
+    acc.Reload()
+    config = json.loads(acc.Tensors("config/text_summary")[0].tensor_proto.string_val[0].decode().strip("`\n"))
+    assert config["preset"] == "source" and config["beta1"] == 0.9 and config["g_hidden"] == [256]
+    info = plugin_data_pb2.HParamsPluginData.FromString(
+        acc.SummaryMetadata("_hparams_/session_start_info").plugin_data.content).session_start_info
+    assert info.hparams["preset"].string_value == "source" and info.hparams["beta1"].number_value == 0.9
+
+
+def test_resume_refuses_another_preset(tmp_path, data_root):
+    common = ["--data-root", data_root, "--max-steps", "2", *SMALL_WGAN]
+    assert run_script("train_wgan.py", "--runs-dir", tmp_path, "--run-name", "p", *common).returncode == 0
+    out = run_script("train_wgan.py", "--resume", tmp_path / "p", "--preset", "paper", "--max-steps", "4")
+    assert out.returncode == 2 and "--preset paper (checkpoint: default)" in out.stderr.strip().splitlines()[-1]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The weight average
+
+
+def perturbed(module, seed):
+    """module with every parameter and buffer moved by seeded noise (as a few training steps would)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for t in list(module.parameters()) + [b for b in module.buffers() if b.is_floating_point()]:
+            t.add_(torch.randn(t.shape, generator=g))
+    return module
+
+
+def test_ema_update_matches_the_hand_computation():
+    torch.manual_seed(0)
+    G = WGANGenerator(4, (1, 4, 4), (3, 5))  # with BatchNorm buffers
+    ema = EMA(G, 0.9)
+    history = [{k: v.double().clone() for k, v in G.state_dict().items()}]
+    for seed in range(3):
+        perturbed(G, seed)
+        ema.update(G)
+        history.append({k: v.double().clone() for k, v in G.state_dict().items()})
+    params = {name for name, _ in G.named_parameters()}
+    for name, value in ema.model.state_dict().items():
+        if name in params:  # ema_3 = 0.9^3 G_0 + 0.1 (0.9^2 G_1 + 0.9 G_2 + G_3)
+            h = [step[name] for step in history]
+            expected = 0.9**3 * h[0] + 0.1 * (0.81 * h[1] + 0.9 * h[2] + h[3])
+            assert torch.allclose(value.double(), expected, rtol=0, atol=1e-5), name
+        else:  # BatchNorm statistics: copied from G, not averaged
+            assert torch.equal(value, G.state_dict()[name]), name
+
+
+def test_ema_decay_0_is_a_copy_and_decay_1_never_moves():
+    torch.manual_seed(0)
+    G = Generator(3, 10, [6])
+    start = [p.clone() for p in G.parameters()]
+    copy, frozen = EMA(G, 0.0), EMA(G, 1.0)
+    perturbed(G, 0)
+    copy.update(G), frozen.update(G)
+    assert all(torch.equal(a, b) for a, b in zip(copy.model.parameters(), G.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(frozen.model.parameters(), start))
+    assert not any(p.requires_grad for p in copy.model.parameters())  # never trained, never in an optimizer
+
+
+def checkpoint_with_ema(path):
+    """A checkpoint whose G_ema differs from G."""
+    torch.manual_seed(0)
+    G = Generator(4, 784, [8])
+    ema = EMA(G, 0.5)
+    perturbed(G, 1)
+    args = {"z_dim": 4, "img_size": 28, "g_hidden": [8], "leaky_slope": 0.1, "dataset": "mnist"}
+    torch.save({"algo": "vanilla_gan", "args": args, "step": 1, "G": G.state_dict(), "G_ema": ema.state_dict()},
+               path)
+    return G, ema
+
+
+def test_evaluate_scores_the_ema_weights_and_raw_the_trained_ones(tmp_path, data_root, capsys):
+    G, ema = checkpoint_with_ema(tmp_path / "c.pt")
+    ckpt, _ = utils.load_checkpoint(tmp_path / "c.pt")
+    cpu = torch.device("cpu")
+    picked, _, weights = evaluate.generator_from_checkpoint(ckpt, cpu)
+    assert weights == "ema" and torch.equal(picked.net[0].weight, ema.model.net[0].weight)
+    picked, _, weights = evaluate.generator_from_checkpoint(ckpt, cpu, raw=True)
+    assert weights == "raw" and torch.equal(picked.net[0].weight, G.net[0].weight)
+    results = {}
+    for flags in ([], ["--raw"]):
+        utils.run_main(evaluate.main, [str(tmp_path / "c.pt"), "--data-root", str(data_root), "--n", "40", "--json",
+                                       "--no-floor", "--device", "cpu", *flags])
+        result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        results[result["weights"]] = result["metrics"]["fid"]
+    assert set(results) == {"ema", "raw"} and results["ema"] != results["raw"]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Checkpoints written before presets and the EMA
+
+
+@pytest.mark.parametrize("algo,script,nets", [("vanilla", "train_vanilla_gan.py", ("G", "D")),
+                                              ("wgan", "train_wgan.py", ("G", "C"))])
+def test_a_checkpoint_of_the_previous_version_resumes_exactly_and_gets_an_ema(tmp_path, data_root, algo, script,
+                                                                            nets):
+    """tests/legacy/<algo>_step4.pt was written at step 4 of an 8-step run by the previous scripts (OMP_NUM_THREADS=1,
+    as the tests run); the networks that run ended with are in <algo>_step8_nets.pt. Resumed now, the run must end
+    with the same networks: same architecture (slope 0.1, no dropout), same optimizer state, data order and noise."""
+    run = tmp_path / "runs" / "old"
+    run.mkdir(parents=True)
+    shutil.copy(LEGACY / f"{algo}_step4.pt", run / "checkpoint.pt")
+    out = run_script(script, "--resume", run, "--data-root", data_root, "--max-steps", "8", "--ema-decay", "0.9",
+                     "--no-eval", "--no-progress")
+    assert out.returncode == 0, out.stderr
+    assert f"resuming {run} at step 4" in out.stdout
+    new = torch.load(run / "checkpoint.pt", weights_only=True)
+    old_end = torch.load(LEGACY / f"{algo}_step8_nets.pt", weights_only=True)
+    assert new["step"] == old_end["step"] == 8
+    for net in nets:  # equal up to rounding: another CPU may sum in another order (resume is bit-exact on one machine)
+        for key, value in old_end[net].items():
+            assert torch.allclose(new[net][key], value, rtol=1e-5, atol=1e-7), f"{net}.{key}"
+    assert new["args"]["preset"] is None and new["args"]["ema_decay"] == 0.9
+    assert set(new["G_ema"]) == set(new["G"])  # the average, started as a copy of G at step 4
+    assert not torch.equal(new["G_ema"]["net.0.weight"], new["G"]["net.0.weight"])
+    ckpt, _ = utils.load_checkpoint(run)
+    G, _, weights = evaluate.generator_from_checkpoint(ckpt, torch.device("cpu"))
+    assert weights == "ema"
+
+
+def test_evaluate_reads_a_checkpoint_of_the_previous_version(tmp_path):
+    ckpt, _ = utils.load_checkpoint(LEGACY / "vanilla_step4.pt")
+    G, z_dim, weights = evaluate.generator_from_checkpoint(ckpt, torch.device("cpu"))
+    assert weights == "raw" and z_dim == 2 and isinstance(G, Generator)
+    assert torch.equal(G.net[0].weight, ckpt["G"]["net.0.weight"])
+    assert Discriminator(784, ckpt["args"]["d_hidden"]).net[0].out_features == 4  # one width stored as an int
