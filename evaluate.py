@@ -273,9 +273,9 @@ class TrainingEval:
         if not self.args.eval:
             return
         result = self(G, writer, step)
-        with open(Path(run_dir) / "metrics.json", "w") as f:
-            json.dump({"step": step, "n": self.args.eval_n, "classifier_accuracy": self.evaluator.accuracy, **result},
-                      f, indent=2)
+        text = json.dumps({"step": step, "n": self.args.eval_n, "classifier_accuracy": self.evaluator.accuracy,
+                           **result}, indent=2)
+        utils.write_atomic(Path(run_dir) / "metrics.json", lambda f: f.write(text.encode()))
 
 
 def generator_from_checkpoint(ckpt, device, raw=False):

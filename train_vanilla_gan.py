@@ -155,10 +155,10 @@ def main(argv=None):
                 run_eval.after_epoch(G_sample, writer, step, order.epoch)
             save_checkpoint()
     if stop.signum:
-        writer.close()
+        utils.close_writer(writer)
         raise utils.Interrupted(stop.signum)
     run_eval.final(G_sample, writer, step, run_dir)
-    writer.close()
+    utils.close_writer(writer)
     print(f"done: {run_dir} (step {step})")
 
 

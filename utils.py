@@ -11,6 +11,7 @@ import random
 import signal
 import struct
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,7 @@ import torch.nn.functional as F
 EXIT_DATA = 1  # data missing or unreadable
 EXIT_USAGE = 2  # bad flags or run folder (argparse uses 2 as well)
 EXIT_DIVERGED = 3  # NaN or infinite loss or weight
+EXIT_WRITE = 4  # a checkpoint, event file or sample grid could not be written (disk full, read-only, ...)
 
 
 class UserError(Exception):
@@ -44,6 +46,17 @@ class Diverged(UserError):
                          " lower --lr and start again or resume it", EXIT_DIVERGED)
 
 
+class WriteError(UserError):
+    """Writing the run's files failed; names the error, the file, and the last good checkpoint (kept intact)."""
+
+    def __init__(self, error, run_dir):
+        path = error.filename or "a file of the run"
+        kept = last_checkpoint_step(Path(run_dir) / CHECKPOINT)
+        kept = f"the last good checkpoint (step {kept}) is kept" if kept is not None else "no checkpoint was written"
+        super().__init__(f"cannot write {path} ({error.strerror or error}); {kept}: free space or fix the folder, then"
+                         f" --resume {run_dir}", EXIT_WRITE)
+
+
 class Interrupted(Exception):
     """SIGINT/SIGTERM arrived; the loop saved a checkpoint and exits with 128 + signal number."""
 
@@ -53,18 +66,33 @@ class Interrupted(Exception):
 
 
 def run_main(main, argv=None):
-    """Run a script's main(); user errors and interrupts become one stderr line and an exit code."""
+    """Run a script's main(); user errors, write errors and interrupts become one stderr line and an exit code."""
+    threading.excepthook = _thread_excepthook
     try:
         main(argv)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(e.code)
+    except OSError as e:
+        if not _held_locks:  # not writing a run: not ours to explain
+            raise
+        print(f"error: {WriteError(e, _held_locks[-1][1])}", file=sys.stderr)
+        sys.exit(EXIT_WRITE)
     except Interrupted as e:
         print(f"interrupted by {e}: checkpoint saved, resume with --resume", file=sys.stderr)
         sys.exit(e.code)
     except KeyboardInterrupt:  # a second Ctrl-C, or one before training started
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    finally:
+        release_run_dirs()
+
+
+def _thread_excepthook(hook_args):
+    """TensorBoard's writer thread dies on a write error, which its next write raises again in the main thread (and
+    run_main reports in one line): do not also print it with a traceback from the thread."""
+    if not issubclass(hook_args.exc_type, OSError):
+        threading.__excepthook__(hook_args)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -387,38 +415,116 @@ def resume_config(args, parser, argv, algo, legacy=None):
 
 
 def make_run_dir(args, algo):
-    """runs/<run-name>, created new; an existing one is refused unless resuming, so two runs never mix."""
+    """runs/<run-name>, created new (an existing one is refused unless resuming, so two runs never mix) and locked for
+    this process: a second process on the same folder is refused while this one lives."""
     if args.resume:
-        return Path(args.runs_dir) / args.run_name
+        run_dir = Path(args.runs_dir) / args.run_name
+        lock_run_dir(run_dir)
+        return run_dir
     name = args.run_name or default_run_name(algo, args.dataset)
     run_dir = Path(args.runs_dir) / name
-    if run_dir.exists():
+    try:
+        Path(args.runs_dir).mkdir(parents=True, exist_ok=True)
+        run_dir.mkdir()  # fails if it exists, also when another process made it a moment ago
+    except FileExistsError:
+        holder = lock_holder(run_dir)
+        if holder:
+            raise UserError(f"run folder {run_dir} is in use by process {holder}; choose another --run-name")
         raise UserError(f"run folder {run_dir} already exists; pass --resume {run_dir} to continue it,"
                         " or another --run-name")
-    try:
-        run_dir.mkdir(parents=True)
-        (run_dir / ".write-test").touch()
-        (run_dir / ".write-test").unlink()
     except OSError as e:
         raise UserError(f"cannot create run folder {run_dir} ({e.strerror}); choose a writable --runs-dir")
+    try:
+        lock_run_dir(run_dir)
+    except OSError as e:
+        raise UserError(f"cannot write in run folder {run_dir} ({e.strerror}); choose a writable --runs-dir")
     args.run_name = name
     return run_dir
 
 
-def save_checkpoint(state, path):
-    """Atomic: write a temporary file, fsync, then rename over the old one; a reader never sees half a file."""
+LOCK = ".lock"
+_held_locks = []  # open lock files, held until the process ends; the kernel drops them however it ends (SIGKILL too)
+
+
+def lock_run_dir(run_dir):
+    """An exclusive flock on <run>/.lock holding our PID, kept for the life of the process. Raises UserError naming
+    the holder if another process has it. (No fcntl on Windows: no lock there.)"""
+    try:
+        import fcntl
+    except ImportError:
+        return
+    fd = os.open(Path(run_dir) / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise UserError(f"run folder {run_dir} is in use by process {holder} (another training writes it); wait for it"
+                        " to end or stop it, then --resume")
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
+    _held_locks.append((fd, Path(run_dir)))
+
+
+def release_run_dirs():
+    """Drop this process's run-folder locks (at the end of main; the kernel would at exit anyway)."""
+    while _held_locks:
+        os.close(_held_locks.pop()[0])
+
+
+def lock_holder(run_dir):
+    """The PID (as text) of the process holding the folder's lock, or None when it is free."""
+    try:
+        import fcntl
+
+        fd = os.open(Path(run_dir) / LOCK, os.O_RDONLY)
+    except (ImportError, OSError):
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # only to probe: released at once
+        return None
+    except OSError:
+        return os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path, write):
+    """Write a file atomically: write(f) into a temporary file, fsync, then rename over the old one; a reader never
+    sees half a file. On a write error (disk full, ...) the temporary file is removed, the old file is left as it was,
+    and the OSError propagates (run_main reports it in one line, exit 4)."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:  # a Ctrl-C here leaves no .tmp either
+        tmp.unlink(missing_ok=True)
+        error = e if isinstance(e, OSError) else e.__context__ if isinstance(e, RuntimeError) else None
+        if isinstance(error, OSError):  # torch.save reports a failed write (ENOSPC, ...) as a RuntimeError
+            error.filename = error.filename or str(path)
+            raise error from None
+        raise
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def save_checkpoint(state, path):
+    write_atomic(path, lambda f: torch.save(state, f))
+
+
+def last_checkpoint_step(path):
+    """The step of the checkpoint at path, or None if there is none readable (used in error messages only)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)["step"]
+    except Exception:
+        return None
 
 
 def run_state(algo, args, step, fixed_noise, parts):
@@ -501,6 +607,12 @@ def open_writer(run_dir, args, resume_step=None):
     return writer
 
 
+def close_writer(writer):
+    """Flush, then close: flush raises a write error of the writer's thread, which close() alone would drop."""
+    writer.flush()
+    writer.close()
+
+
 def image_grid(images, nrow=8):
     """[-1, 1] images N x C x H x W -> a [0, 1] grid tensor for TensorBoard and PNGs."""
     import torchvision.utils as vutils
@@ -512,7 +624,7 @@ def save_grid(grid, path):
     import torchvision.utils as vutils
 
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    vutils.save_image(grid, path)
+    write_atomic(path, lambda f: vutils.save_image(grid, f, format="png"))
 
 
 def log_scalars(writer, step, values, tag=""):

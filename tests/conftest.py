@@ -58,6 +58,25 @@ def run_script(script, *args, cwd=None, timeout=240, env_extra=None):
                           cwd=cwd, timeout=timeout, env=env)
 
 
+def hooked_command(script, at, action, *args):
+    """The command line of tests/step_hook.py: `script` (train_vanilla_gan or train_wgan) faulted at step `at`."""
+    return [sys.executable, str(ROOT / "tests" / "step_hook.py"), script, str(at), action, *map(str, args)]
+
+
+def run_hooked(script, at, action, *args, timeout=240):
+    """Run a script faulted by tests/step_hook.py; returns CompletedProcess with text output."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    return subprocess.run(hooked_command(script, at, action, *args), capture_output=True, text=True, timeout=timeout,
+                          env=env)
+
+
+def start_hooked(script, at, action, *args):
+    """Start a faulted script without waiting (stdout piped, text)."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    return subprocess.Popen(hooked_command(script, at, action, *args), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+
+
 def run_python(code, cwd=None, timeout=240):
     """Run a snippet in a fresh interpreter (used to wrap a script's step and kill or corrupt it at a chosen step)."""
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")

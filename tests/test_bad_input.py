@@ -105,6 +105,9 @@ def test_broken_idx_files(data_root, runs, capsys, how):
     (train_vanilla_gan, "--epochs", "0"), (train_vanilla_gan, "--batch-size", "-3"), (train_vanilla_gan, "--lr", "0"),
     (train_wgan, "--lr", "-1e-4"), (train_wgan, "--clip-value", "0"), (train_wgan, "--n-critic", "0"),
     (train_wgan, "--epochs", "x"), (train_vanilla_gan, "--dataset", "cifar10"),
+    (train_vanilla_gan, "--ema-decay", "1"), (train_wgan, "--ema-decay", "-0.5"),
+    (train_vanilla_gan, "--d-dropout", "nan"), (train_vanilla_gan, "--leaky-slope", "x"),
+    (train_wgan, "--preset", "fast"), (train_vanilla_gan, "--preset", "paper"),
 ])
 def test_bad_numbers_are_argparse_errors(data_root, runs, capsys, module, flag, value):
     code, err = cli(module, ["--data-root", data_root, "--runs-dir", runs, flag, value], capsys)
