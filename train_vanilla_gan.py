@@ -147,10 +147,12 @@ def main(argv=None):
             if epoch_steps:
                 means = utils.log_scalars(writer, step, dict(zip(names, epoch_sums / epoch_steps)), tag="epoch_mean/")
                 utils.print_epoch(order.epoch + 1, args.epochs, step, means, time.time() - started)
-            if order.position == order.steps_per_epoch:  # the epoch is complete: its sample grid, then the next one
+            epoch_done = order.position == order.steps_per_epoch
+            if epoch_done or stop.signum or step >= max_steps:  # the grid of each epoch, and of where a run stops
                 with torch.no_grad():
                     fakes = G_sample(fixed_noise).view(-1, *img_shape)
-                utils.log_samples(writer, run_dir, fakes, order.epoch + 1, step)
+                utils.log_samples(writer, run_dir, fakes, step, order.epoch + 1 if epoch_done else None)
+            if epoch_done:
                 order.next_epoch()
                 run_eval.after_epoch(G_sample, writer, step, order.epoch)
             save_checkpoint()

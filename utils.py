@@ -642,11 +642,35 @@ def print_epoch(epoch, epochs, step, means, seconds):
     print(f"epoch {epoch}/{epochs}  step {step}  {text}  ({seconds:.1f}s)", flush=True)
 
 
-def log_samples(writer, run_dir, fakes, epoch, step):
-    """The fixed-noise grid: to TensorBoard and to samples/epoch_NNN.png."""
+def log_samples(writer, run_dir, fakes, step, epoch=None):
+    """The fixed-noise grid, to TensorBoard and to samples/: epoch_NNN.png after an epoch (then progress.gif is made
+    anew from every epoch's grid, so it spans the whole run, resumes included), step_NNNNNNN.png when a run stops
+    mid-epoch (--max-steps, SIGINT/SIGTERM)."""
     grid = image_grid(fakes)
     writer.add_image("fake", grid, step)
-    save_grid(grid, Path(run_dir) / "samples" / f"epoch_{epoch:03d}.png")
+    samples = Path(run_dir) / "samples"
+    if epoch is None:
+        save_grid(grid, samples / f"step_{step:07d}.png")
+        return
+    save_grid(grid, samples / f"epoch_{epoch:03d}.png")
+    write_progress_gif(samples)
+
+
+def write_progress_gif(samples, frame_ms=300, last_frame_ms=2500):
+    """samples/progress.gif: the epoch grids in order, each labelled with its epoch, the last one held longer."""
+    from PIL import Image, ImageDraw
+
+    frames = []
+    for path in sorted(samples.glob("epoch_*.png")):
+        with Image.open(path) as grid:
+            frame = Image.new("RGB", (grid.width, grid.height + 14))
+            frame.paste(grid.convert("RGB"), (0, 14))
+        ImageDraw.Draw(frame).text((3, 1), f"epoch {int(path.stem[len('epoch_'):])}", fill=(255, 255, 255))
+        frames.append(frame)
+    durations = [frame_ms] * (len(frames) - 1) + [last_frame_ms]
+    write_atomic(samples / "progress.gif", lambda f: frames[0].save(f, format="GIF", save_all=True,
+                                                                     append_images=frames[1:], duration=durations,
+                                                                     loop=0))
 
 
 def optimizer_kwargs(device, fused=True):

@@ -1,0 +1,47 @@
+"""The pictures a run leaves: a grid where a run stops mid-epoch, and samples/progress.gif over every finished epoch."""
+from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from conftest import SMALL_VANILLA, SMALL_WGAN, run_hooked, run_script
+
+
+def image_steps(run):
+    acc = EventAccumulator(str(run), size_guidance={"images": 0})
+    acc.Reload()
+    return [e.step for e in acc.Images("fake")]
+
+
+def gif_frames(path):
+    with Image.open(path) as gif:
+        durations = []
+        for i in range(gif.n_frames):
+            gif.seek(i)
+            durations.append(gif.info["duration"])
+        return gif.n_frames, gif.size, durations
+
+
+def test_a_run_stopped_by_max_steps_leaves_the_grid_of_that_step(tmp_path, data_root):
+    out = run_script("train_wgan.py", "--data-root", data_root, "--runs-dir", tmp_path, "--run-name", "r",
+                     "--max-steps", "13", "--no-eval", *SMALL_WGAN)  # 8 steps per epoch: stops inside epoch 2
+    assert out.returncode == 0, out.stderr
+    samples = tmp_path / "r" / "samples"
+    assert sorted(p.name for p in samples.iterdir()) == ["epoch_001.png", "progress.gif", "step_0000013.png"]
+    with Image.open(samples / "step_0000013.png") as grid:
+        assert grid.size == (8 * 30 + 2, 8 * 30 + 2)  # the 64 fixed-noise samples, 28 px + 2 px padding
+    assert image_steps(tmp_path / "r") == [8, 13]
+
+
+def test_progress_gif_has_one_frame_per_finished_epoch_also_across_a_sigint_and_resume(tmp_path, data_root):
+    run = tmp_path / "r"
+    common = ["--data-root", data_root, "--runs-dir", tmp_path, "--run-name", "r", "--epochs", "4", "--no-eval",
+              *SMALL_VANILLA]
+    out = run_hooked("train_vanilla_gan", 19, "SIGINT", *common)  # inside epoch 3
+    assert out.returncode == 130, out.stderr
+    assert gif_frames(run / "samples" / "progress.gif")[0] == 2
+    assert (run / "samples" / "step_0000019.png").is_file()  # the grid of where it stopped
+    out = run_script("train_vanilla_gan.py", "--resume", run)
+    assert out.returncode == 0, out.stderr
+    frames, size, durations = gif_frames(run / "samples" / "progress.gif")
+    assert frames == 4 and size == (8 * 30 + 2, 4 * 30 + 2 + 14)  # 32 samples and a 14 px label band
+    assert durations[-1] > durations[0]  # the last frame held longer
+    assert image_steps(run) == [8, 16, 19, 24, 32]
