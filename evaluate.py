@@ -222,6 +222,24 @@ def sample(G, z_dim, n, device, seed=0, batch=1000):
     return torch.cat(out)
 
 
+@torch.no_grad()
+def interpolation(G, z_dim, device, rows=8, steps=10, seed=0):
+    """rows x steps images, N x C x H x W in [-1, 1]: row i walks a straight line in z, in `steps` even steps, from
+    one seeded noise vector to another (G in eval mode; its mode is restored)."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    start, end = torch.randn(2, rows, 1, z_dim, device=device, generator=gen)
+    t = torch.linspace(0, 1, steps, device=device)[None, :, None]
+    z = (start + t * (end - start)).reshape(rows * steps, z_dim)
+    was_training = G.training
+    G.eval()
+    images = G(z)
+    G.train(was_training)
+    if images.dim() == 2:  # the vanilla generator's flat output
+        side = int(round(images.shape[1] ** 0.5))
+        images = images.view(-1, 1, side, side)
+    return images
+
+
 class Evaluator:
     """The classifier and the test split's features, so repeated evaluations during training cost only sampling."""
 
@@ -319,8 +337,10 @@ def main(argv=None):
     parser.add_argument("--json", action="store_true", help="print one JSON line instead of the table")
     parser.add_argument("--grid", metavar="PNG", help="save a grid of the first 64 samples")
     parser.add_argument("--export", metavar="NPZ", help="save the samples as key 'images', uint8 N x 28 x 28")
+    parser.add_argument("--interpolate", metavar="PNG",
+                        help="save 8 rows of 10 images, each a straight line in z between two seeded noise vectors")
     args = parser.parse_args(argv)
-    for out in (args.grid, args.export):
+    for out in (args.grid, args.export, args.interpolate):
         if out and Path(out).exists():
             raise utils.UserError(f"{out} already exists; choose another path or remove it first")
     device = utils.select_device(args.device)
@@ -340,6 +360,8 @@ def main(argv=None):
         utils.save_grid(utils.image_grid(utils.to_model_range(images[:64, None])), args.grid)
     if args.export:
         np.savez_compressed(args.export, images=images.numpy())
+    if args.interpolate:
+        utils.save_grid(utils.image_grid(interpolation(G, z_dim, device, seed=args.seed), nrow=10), args.interpolate)
     if args.json:
         print(json.dumps({"checkpoint": str(path), "dataset": dataset, "weights": weights, "n": args.n,
                           "step": ckpt["step"], "classifier_accuracy": evaluator.accuracy, "seconds": round(seconds, 1),

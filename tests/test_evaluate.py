@@ -4,6 +4,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from scipy import linalg
 
 import evaluate
@@ -99,3 +100,26 @@ def test_export_scale_black_background():
     x[:, :, 10:12, 10:12] = 1.0
     out = evaluate.to_uint8_28(x)
     assert out.dtype == torch.uint8 and out[0, 0, 0] == 0 and out[0, 10, 10] == 255
+
+
+def test_interpolation_rows_walk_between_the_generators_outputs_at_two_seeded_points(tmp_path, data_root, capsys):
+    utils.run_main(train_wgan.main, ["--data-root", str(data_root), "--runs-dir", str(tmp_path), "--run-name", "w",
+                                     "--max-steps", "4", "--no-eval", *SMALL_WGAN])
+    capsys.readouterr()
+    ckpt, _ = utils.load_checkpoint(tmp_path / "w")
+    G, z_dim, _ = evaluate.generator_from_checkpoint(ckpt, torch.device("cpu"))
+    images = evaluate.interpolation(G, z_dim, torch.device("cpu"), seed=3)
+    assert images.shape == (80, 1, 28, 28)
+    gen = torch.Generator().manual_seed(3)
+    start, end = torch.randn(2, 8, 1, z_dim, generator=gen)
+    G.eval()
+    with torch.no_grad():
+        first, last = G(start[:, 0]), G(end[:, 0])
+    rows = images.view(8, 10, 1, 28, 28)
+    assert torch.allclose(rows[:, 0], first, atol=1e-6) and torch.allclose(rows[:, -1], last, atol=1e-6)
+    assert not torch.equal(rows[:, 4], first) and not torch.equal(rows[:, 4], last)  # the middle: neither end
+    out = tmp_path / "interp.png"
+    utils.run_main(evaluate.main, [str(tmp_path / "w"), "--n", "40", "--no-floor", "--interpolate", str(out),
+                                   "--device", "cpu"])
+    with Image.open(out) as png:
+        assert png.size == (10 * 30 + 2, 8 * 30 + 2)
