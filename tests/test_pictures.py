@@ -1,8 +1,15 @@
-"""The pictures a run leaves: a grid where a run stops mid-epoch, and samples/progress.gif over every finished epoch."""
+"""The pictures a run leaves (a grid where a run stops mid-epoch, samples/progress.gif over every finished epoch) and
+the curves plot.py draws from a run's events."""
+import subprocess
+import sys
+from pathlib import Path
+
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import SMALL_VANILLA, SMALL_WGAN, run_hooked, run_script
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def image_steps(run):
@@ -45,3 +52,40 @@ def test_progress_gif_has_one_frame_per_finished_epoch_also_across_a_sigint_and_
     assert frames == 4 and size == (8 * 30 + 2, 4 * 30 + 2 + 14)  # 32 samples and a 14 px label band
     assert durations[-1] > durations[0]  # the last frame held longer
     assert image_steps(run) == [8, 16, 19, 24, 32]
+
+
+def plot(*args):
+    return subprocess.run([sys.executable, str(ROOT / "plot.py"), *map(str, args)], capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_plot_writes_the_curves_and_the_correlation_with_fid(tmp_path, data_root):
+    out = run_script("train_wgan.py", "--data-root", data_root, "--runs-dir", tmp_path, "--run-name", "r",
+                     "--epochs", "4", "--eval-every", "1", *SMALL_WGAN)
+    assert out.returncode == 0, out.stderr
+    result = plot(tmp_path / "r")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert lines[0] == f"wrote {tmp_path / 'r' / 'curves.png'}"
+    assert lines[1].startswith("Spearman rho(wasserstein_estimate, eval/fid) = ") and lines[1].endswith(" over 4 epochs")
+    rho = float(lines[1].split("= ")[1].split()[0])
+    assert -1 <= rho <= 1
+    with Image.open(tmp_path / "r" / "curves.png") as png:
+        assert png.size == (800, 450)
+
+
+def test_plot_of_a_run_without_eval_points_draws_curves_only(tmp_path, data_root):
+    out = run_script("train_vanilla_gan.py", "--data-root", data_root, "--runs-dir", tmp_path, "--run-name", "r",
+                     "--epochs", "2", "--no-eval", *SMALL_VANILLA)
+    assert out.returncode == 0, out.stderr
+    result = plot(tmp_path / "r", "--out", tmp_path / "c.png")
+    assert result.returncode == 0, result.stderr
+    assert "no eval/fid points" in result.stdout and "--eval-every 1" in result.stdout
+    assert (tmp_path / "c.png").is_file()
+
+
+def test_plot_of_a_folder_without_events_is_one_line(tmp_path):
+    result = plot(tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == (f"error: {tmp_path}: no TensorBoard event files there; give a run folder the"
+                                     " training scripts wrote (runs/<run>)")
