@@ -112,12 +112,15 @@ class EMA:
     """An exponential moving average of a generator's weights, for sampling; the raw generator is what trains.
 
     After each generator step: ema <- decay * ema + (1 - decay) * G for every parameter (it starts as a copy of G).
-    Buffers (BatchNorm running statistics) are copied from G, not averaged.
+    Buffers (BatchNorm running statistics) are copied from G; before the average is sampled, calibrate() replaces
+    them with statistics of the averaged weights themselves, since G's statistics belong to G's weights (measured on
+    the WGAN: FID 44 -> 36, see README, Results).
     """
 
     def __init__(self, G, decay):
         self.model = copy.deepcopy(G).eval().requires_grad_(False)
         self.decay = decay
+        self.calibrated = False
 
     @torch.no_grad()
     def update(self, G):
@@ -125,6 +128,29 @@ class EMA:
         torch._foreach_lerp_(list(self.model.parameters()), list(G.parameters()), 1.0 - self.decay)
         for ema_buffer, buffer in zip(self.model.buffers(), G.buffers()):
             ema_buffer.copy_(buffer)
+        self.calibrated = False
+
+    @torch.no_grad()
+    def calibrate(self, batches=10, batch_size=256, seed=0):
+        """BatchNorm running statistics of the averaged weights: the plain mean of the batch statistics of `batches`
+        noise batches drawn from a generator of its own (deterministic, and the training's RNG is left alone). Does
+        nothing without BatchNorm, or when nothing changed since the last call."""
+        norms = [m for m in self.model.modules() if isinstance(m, nn.BatchNorm1d)]
+        if self.calibrated or not norms:
+            return
+        first = next(m for m in self.model.modules() if isinstance(m, nn.Linear))
+        device = first.weight.device
+        noise = torch.Generator(device=device).manual_seed(seed)
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None  # a cumulative average over the batches
+        self.model.train()
+        for _ in range(batches):
+            self.model(torch.randn(batch_size, first.in_features, device=device, generator=noise))
+        self.model.eval()
+        for m in norms:
+            m.momentum = 0.1  # BatchNorm1d's default, as everywhere in models.py
+        self.calibrated = True
 
     def state_dict(self):
         return self.model.state_dict()

@@ -136,6 +136,29 @@ def test_ema_decay_0_is_a_copy_and_decay_1_never_moves():
     assert not any(p.requires_grad for p in copy.model.parameters())  # never trained, never in an optimizer
 
 
+def test_calibrate_gives_batchnorm_the_statistics_of_the_averaged_weights():
+    torch.manual_seed(0)
+    G = WGANGenerator(4, (1, 4, 4), (3, 5))  # Linear(4, 3) -> LeakyReLU -> Linear(3, 5) -> BatchNorm1d(5) -> ...
+    ema = EMA(perturbed(G, 0), 0.9)
+    perturbed(G, 1)
+    ema.update(G)
+    assert torch.equal(ema.model.net[3].running_mean, G.net[3].running_mean)  # copied by the update
+    ema.calibrate(batches=3, batch_size=50, seed=7)
+    noise = torch.Generator().manual_seed(7)
+    lin1, lin2 = ema.model.net[0], ema.model.net[2]
+    means, variances = [], []
+    for _ in range(3):  # by hand: the pre-BatchNorm activations of each noise batch
+        with torch.no_grad():
+            h = lin2(torch.nn.functional.leaky_relu(lin1(torch.randn(50, 4, generator=noise)), 0.2))
+        means.append(h.mean(0))
+        variances.append(h.var(0, unbiased=True))
+    bn = ema.model.net[3]
+    assert torch.allclose(bn.running_mean, torch.stack(means).mean(0), atol=1e-6)
+    assert torch.allclose(bn.running_var, torch.stack(variances).mean(0), atol=1e-6)
+    assert bn.momentum == 0.1 and not ema.model.training
+    assert not torch.equal(bn.running_mean, G.net[3].running_mean)
+
+
 def checkpoint_with_ema(path):
     """A checkpoint whose G_ema differs from G."""
     torch.manual_seed(0)
