@@ -40,7 +40,7 @@ def make_parser():
                           log_every=100)
     parser.add_argument("--beta1", type=float, default=0.5, help="Adam beta1 (0.5 as in DCGAN; the source: 0.9)")
     parser.add_argument("--beta2", type=float, default=0.999, help="Adam beta2")
-    parser.add_argument("--g-hidden", type=utils.positive_int, nargs="+", default=[1024, 2048],
+    parser.add_argument("--g-hidden", type=utils.positive_int, nargs="+", default=[512, 1024],
                         help="generator hidden widths")
     parser.add_argument("--d-hidden", type=utils.positive_int, nargs="+", default=[1024],
                         help="discriminator hidden widths")

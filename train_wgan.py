@@ -41,12 +41,12 @@ def make_parser():
                           log_every=100)
     parser.add_argument("--clip-value", type=utils.positive_float, default=0.01,
                         help="critic weights clipped to [-c, c]")
-    parser.add_argument("--n-critic", type=utils.positive_int, default=5, help="critic steps per generator step")
+    parser.add_argument("--n-critic", type=utils.positive_int, default=1, help="critic steps per generator step")
     parser.add_argument("--g-widths", type=utils.positive_int, nargs="+", default=[128, 256, 512, 1024],
                         help="generator block widths (BatchNorm1d in all but the first)")
     parser.add_argument("--critic-widths", type=utils.positive_int, nargs="+", default=[512, 256],
                         help="critic hidden widths")
-    parser.add_argument("--ema-decay", type=utils.fraction, default=0.0,
+    parser.add_argument("--ema-decay", type=utils.fraction, default=0.998,
                         help="decay of the generator's weight average used for samples and evaluations (0 = off)")
     parser.add_argument("--n-samples", type=utils.positive_int, default=64, help="size of the fixed noise batch")
     return parser
