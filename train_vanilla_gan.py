@@ -45,7 +45,8 @@ def make_parser():
     parser.add_argument("--d-hidden", type=utils.positive_int, nargs="+", default=[1024],
                         help="discriminator hidden widths")
     parser.add_argument("--leaky-slope", type=utils.fraction, default=0.1, help="negative slope of every LeakyReLU")
-    parser.add_argument("--d-dropout", type=utils.fraction, default=0.3, help="dropout after each hidden layer of D (0 = none)")
+    parser.add_argument("--d-dropout", type=utils.fraction, default=0.3,
+                        help="dropout after each hidden layer of D (0 = none)")
     parser.add_argument("--ema-decay", type=utils.fraction, default=0.999,
                         help="decay of the generator's weight average used for samples and evaluations (0 = off)")
     parser.add_argument("--n-samples", type=utils.positive_int, default=32, help="size of the fixed noise batch")

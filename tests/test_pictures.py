@@ -67,7 +67,8 @@ def test_plot_writes_the_curves_and_the_correlation_with_fid(tmp_path, data_root
     assert result.returncode == 0, result.stderr
     lines = result.stdout.strip().splitlines()
     assert lines[0] == f"wrote {tmp_path / 'r' / 'curves.png'}"
-    assert lines[1].startswith("Spearman rho(wasserstein_estimate, eval/fid) = ") and lines[1].endswith(" over 4 epochs")
+    assert lines[1].startswith("Spearman rho(wasserstein_estimate, eval/fid) = ")
+    assert lines[1].endswith(" over 4 epochs")
     rho = float(lines[1].split("= ")[1].split()[0])
     assert -1 <= rho <= 1
     with Image.open(tmp_path / "r" / "curves.png") as png:

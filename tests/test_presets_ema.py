@@ -13,7 +13,7 @@ import evaluate
 import train_vanilla_gan
 import train_wgan
 import utils
-from conftest import SMALL_VANILLA, SMALL_WGAN, run_script
+from conftest import SMALL_WGAN, run_script
 from models import EMA, Discriminator, Generator, WGANGenerator
 
 LEGACY = Path(__file__).parent / "legacy"

@@ -55,7 +55,8 @@ def test_the_lock_refuses_a_second_resume_and_a_new_run_of_the_same_folder(pause
     again = run_script("train_wgan.py", "--data-root", data_root, "--runs-dir", tmp_path / "runs", "--run-name", "r",
                        *SMALL_WGAN)
     assert again.returncode == 2
-    assert again.stderr.strip() == f"error: run folder {run} is in use by process {holder.pid}; choose another --run-name"
+    assert again.stderr.strip() == (f"error: run folder {run} is in use by process {holder.pid};"
+                                    " choose another --run-name")
     assert snapshot(run) == before  # neither wrote anything
 
     holder.kill()  # SIGKILL: the kernel drops the lock with the process, no stale lock is left
