@@ -9,9 +9,16 @@ between the per-epoch Wasserstein estimate (vanilla: loss/D) and eval/fid tests 
 --eval-every 1 for one FID point per epoch. Works on a run that is still being written.
 """
 import argparse
+import os
+import sys
 from pathlib import Path
 
-import utils
+# Not `import utils`: it imports torch, which alone costs about as much as the whole plot (plotting a 50-epoch run
+# must take under 5 s). Errors are one line and exit 2, as in the training scripts.
+
+
+class PlotError(Exception):
+    pass
 
 CURVES = {"wgan": ["wasserstein_estimate", "loss/G"], "vanilla_gan": ["loss/D", "loss/G", "D(x)", "D(G(z))"]}
 QUALITY_LOSS = {"wgan": "wasserstein_estimate", "vanilla_gan": "loss/D"}  # the loss set against eval/fid
@@ -22,8 +29,8 @@ def read_scalars(run_dir):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     if not run_dir.is_dir() or not list(run_dir.glob("events.out.tfevents.*")):
-        raise utils.UserError(f"{run_dir}: no TensorBoard event files there; give a run folder the training scripts"
-                              " wrote (runs/<run>)")
+        raise PlotError(f"{run_dir}: no TensorBoard event files there; give a run folder the training scripts wrote"
+                        " (runs/<run>)")
     acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "images": 1, "tensors": 1, "histograms": 1})
     acc.Reload()
     return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
@@ -51,7 +58,7 @@ def main(argv=None):
     algo = "wgan" if "epoch_mean/wasserstein_estimate" in scalars else "vanilla_gan"
     curves = {name: scalars.get("epoch_mean/" + name, []) for name in CURVES[algo]}
     if not any(curves.values()):
-        raise utils.UserError(f"{args.run}: no finished epoch logged yet; plot again after the first epoch")
+        raise PlotError(f"{args.run}: no finished epoch logged yet; plot again after the first epoch")
     fid = scalars.get("eval/fid", [])
 
     import matplotlib
@@ -59,32 +66,40 @@ def main(argv=None):
     matplotlib.use("Agg")  # no screen needed
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
-    for name, points in curves.items():
-        if points:
-            ax.plot(*zip(*points), marker=".", label=name)
-    ax.set_xlabel("step")
-    ax.set_ylabel("per-epoch mean")
-    ax.grid(alpha=0.3)
-    handles, labels = ax.get_legend_handles_labels()
+    loss = QUALITY_LOSS[algo]
+    # top: the loss that should track quality, against eval/fid; bottom: every per-epoch mean on one scale
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 7), dpi=100, sharex=True)
+    top.plot(*zip(*curves[loss]), marker=".", color="tab:blue", label=f"{loss} (per-epoch mean)")
+    top.set_ylabel(loss)
+    handles, labels = top.get_legend_handles_labels()
     if fid:
-        fid_ax = ax.twinx()
+        fid_ax = top.twinx()
         fid_ax.plot(*zip(*fid), color="black", linestyle="--", marker="o", label="eval/fid")
         fid_ax.set_ylabel("eval/fid (lower is better)")
         fid_ax.set_yscale("log")
         more = fid_ax.get_legend_handles_labels()
         handles, labels = handles + more[0], labels + more[1]
-    ax.legend(handles, labels, loc="upper right", fontsize="small")
-    ax.set_title(f"{args.run.name} ({algo})")
+    top.legend(handles, labels, loc="upper right", fontsize="small")
+    top.set_title(f"{args.run.name} ({algo})")
+    for name, points in curves.items():
+        if points:
+            bottom.plot(*zip(*points), marker=".", label=name)
+    bottom.set_xlabel("step")
+    bottom.set_ylabel("per-epoch mean")
+    bottom.legend(loc="best", fontsize="small")
+    for ax in (top, bottom):
+        ax.grid(alpha=0.3)
     out = args.out or args.run / "curves.png"
     fig.tight_layout()
-    try:
-        utils.write_atomic(out, lambda f: fig.savefig(f, format="png"))
+    tmp = out.with_name(out.name + ".tmp")
+    try:  # a temporary file renamed over the old one: a half-written PNG never replaces a good one
+        fig.savefig(tmp, format="png")
+        os.replace(tmp, out)
     except OSError as e:
-        raise utils.UserError(f"cannot write {out} ({e.strerror}); choose another --out")
+        tmp.unlink(missing_ok=True)
+        raise PlotError(f"cannot write {out} ({e.strerror}); choose another --out")
     print(f"wrote {out}")
 
-    loss = QUALITY_LOSS[algo]
     by_step = dict(curves[loss])
     pairs = [(by_step[step], value) for step, value in fid if step in by_step]
     if not fid:
@@ -96,4 +111,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    utils.run_main(main)
+    try:
+        main()
+    except PlotError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

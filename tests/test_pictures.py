@@ -72,7 +72,7 @@ def test_plot_writes_the_curves_and_the_correlation_with_fid(tmp_path, data_root
     rho = float(lines[1].split("= ")[1].split()[0])
     assert -1 <= rho <= 1
     with Image.open(tmp_path / "r" / "curves.png") as png:
-        assert png.size == (800, 450)
+        assert png.size == (800, 700)
 
 
 def test_plot_of_a_run_without_eval_points_draws_curves_only(tmp_path, data_root):
