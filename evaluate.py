@@ -105,7 +105,8 @@ def load_classifier(dataset, data_root, device, progress=True):
     if path.is_file():
         try:
             saved = torch.load(path, map_location="cpu", weights_only=True)
-            model = Classifier().to(device)
+            with torch.random.fork_rng(devices=[]):  # building the layers draws random inits: not from training's RNG
+                model = Classifier().to(device)
             model.load_state_dict(saved["state_dict"])
             return model, saved["test_accuracy"]
         except Exception:

@@ -160,3 +160,21 @@ def test_nan_stops_with_exit_3_and_keeps_the_last_good_checkpoint(tmp_path, data
     assert ckpt["step"] == 4
     assert all(torch.isfinite(v).all() for net in ("G", "D", "C") if net in ckpt for v in ckpt[net].values()
                if v.is_floating_point())
+
+
+@pytest.mark.parametrize("algo", ["vanilla", "wgan"])
+def test_evaluations_during_training_do_not_change_the_training(tmp_path, data_root, algo):
+    """--eval-every 1 ends with the same networks as --no-eval: whether the evaluation trains its classifier (run a)
+    or loads it from the cache (run c), it draws nothing from the training's random numbers."""
+    script, _, small, _ = SCRIPTS[algo]
+    common = ["--data-root", str(data_root), "--epochs", "3", *small]
+    for name, flags in (("a", ["--eval-every", "1"]), ("c", ["--eval-every", "1"]), ("b", ["--no-eval"])):
+        out = run_script(script, "--runs-dir", tmp_path, "--run-name", name, *common, *flags)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.count("eval at") == (0 if name == "b" else 3)
+    b = load(tmp_path / "b")
+    for other in ("a", "c"):
+        a = load(tmp_path / other)
+        for net in [k for k in a if k in ("G", "D", "C", "G_ema")]:
+            for key in a[net]:
+                assert torch.equal(a[net][key], b[net][key]), f"run {other}: {net}.{key}"
