@@ -50,9 +50,14 @@ def data_root(tmp_path):
     return root
 
 
+def subprocess_env():
+    """One thread per process (the tests run two at a time on two cores), and the repository importable."""
+    return dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+
+
 def run_script(script, *args, cwd=None, timeout=240, env_extra=None):
     """Run a training script as a subprocess; returns CompletedProcess with text output."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    env = subprocess_env()
     env.update(env_extra or {})
     return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], capture_output=True, text=True,
                           cwd=cwd, timeout=timeout, env=env)
@@ -65,21 +70,21 @@ def hooked_command(script, at, action, *args):
 
 def run_hooked(script, at, action, *args, timeout=240):
     """Run a script faulted by tests/step_hook.py; returns CompletedProcess with text output."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    env = subprocess_env()
     return subprocess.run(hooked_command(script, at, action, *args), capture_output=True, text=True, timeout=timeout,
                           env=env)
 
 
 def start_hooked(script, at, action, *args):
     """Start a faulted script without waiting (stdout piped, text)."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    env = subprocess_env()
     return subprocess.Popen(hooked_command(script, at, action, *args), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env)
 
 
 def run_python(code, cwd=None, timeout=240):
     """Run a snippet in a fresh interpreter (used to wrap a script's step and kill or corrupt it at a chosen step)."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    env = subprocess_env()
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=cwd, timeout=timeout,
                           env=env)
 
