@@ -82,13 +82,6 @@ def start_hooked(script, at, action, *args):
                             stderr=subprocess.PIPE, text=True, env=env)
 
 
-def run_python(code, cwd=None, timeout=240):
-    """Run a snippet in a fresh interpreter (used to wrap a script's step and kill or corrupt it at a chosen step)."""
-    env = subprocess_env()
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=cwd, timeout=timeout,
-                          env=env)
-
-
 SMALL_VANILLA = ["--batch-size", "16", "--g-hidden", "32", "--d-hidden", "16", "--z-dim", "8", "--no-progress",
                  "--eval-n", "64"]
 SMALL_WGAN = ["--batch-size", "16", "--g-widths", "16", "32", "--critic-widths", "32", "16", "--z-dim", "8",

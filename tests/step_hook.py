@@ -35,7 +35,7 @@ def partial_then_full_disk(obj, f, *args, **kwargs):
     full_disk()
 
 
-def fault(action, module, net):
+def fault(action):
     if action in ("SIGKILL", "SIGINT", "SIGTERM"):
         os.kill(os.getpid(), getattr(signal, action))
     elif action == "pause":
@@ -68,7 +68,7 @@ def main():
                 next(D.parameters()).fill_(float("nan"))
         out = real_step(G, D, *args)
         if count[0] == at and action != "nan":
-            fault(action, module, D)
+            fault(action)
         return out
 
     setattr(module, step_fn_name, step)

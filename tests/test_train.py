@@ -1,18 +1,17 @@
 """End-to-end runs of both scripts on tiny data: what they write, exact resume after SIGKILL, SIGINT, divergence."""
 import json
 import random
-import textwrap
 
 import pytest
 import torch
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import SMALL_VANILLA, SMALL_WGAN, run_python, run_script
+from conftest import SMALL_VANILLA, SMALL_WGAN, run_hooked, run_script
 
 SCRIPTS = {
-    "vanilla": ("train_vanilla_gan.py", "train_step", SMALL_VANILLA, ["loss/D", "loss/G", "D(x)", "D(G(z))"]),
-    "wgan": ("train_wgan.py", "critic_step", SMALL_WGAN, ["loss/critic", "loss/G", "wasserstein_estimate"]),
+    "vanilla": ("train_vanilla_gan.py", SMALL_VANILLA, ["loss/D", "loss/G", "D(x)", "D(G(z))"]),
+    "wgan": ("train_wgan.py", SMALL_WGAN, ["loss/critic", "loss/G", "wasserstein_estimate"]),
 }
 
 
@@ -28,7 +27,7 @@ def load(run_dir):
 
 @pytest.mark.parametrize("algo", ["vanilla", "wgan"])
 def test_run_writes_events_grids_and_checkpoint(tmp_path, data_root, algo):
-    script, _, small, scalars = SCRIPTS[algo]
+    script, small, scalars = SCRIPTS[algo]
     size = 32 if algo == "wgan" else 28
     out = run_script(script, "--data-root", data_root, "--runs-dir", tmp_path / "runs", "--run-name", "r",
                      "--epochs", 2, "--log-every", 2, "--img-size", size, *small)
@@ -71,26 +70,9 @@ def test_wgan_generator_steps_every_n_critic(tmp_path, data_root, monkeypatch):
     assert load(tmp_path / "g")["step"] == 13
 
 
-def killer(script, step_fn, kill_at, argv, sig="SIGKILL"):
-    """Python that runs a script with its step wrapped to send itself `sig` right after step `kill_at`."""
-    module = script[:-3]
-    return textwrap.dedent(f"""
-        import os, signal, {module} as m, utils
-        real, count = m.{step_fn}, [0]
-        def step(*a):
-            out = real(*a)
-            count[0] += 1
-            if count[0] == {kill_at}:
-                os.kill(os.getpid(), signal.{sig})
-            return out
-        m.{step_fn} = step
-        utils.run_main(m.main, {argv!r})
-    """)
-
-
 @pytest.mark.parametrize("algo", ["vanilla", "wgan"])
 def test_sigkill_then_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, data_root, algo):
-    script, step_fn, small, scalars = SCRIPTS[algo]
+    script, small, scalars = SCRIPTS[algo]
     common = ["--data-root", str(data_root), "--epochs", "3", "--log-every", "1", "--checkpoint-every", "5",
               "--ema-decay", "0.7", *small]  # a short average: it moves a lot each step
     full = run_script(script, "--runs-dir", tmp_path / "a", "--run-name", "r", *common)
@@ -98,7 +80,7 @@ def test_sigkill_then_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, 
 
     kill_at = random.Random().randint(6, 23)  # 24 steps in all; a fresh random step each time the test runs
     argv = ["--runs-dir", str(tmp_path / "b"), "--run-name", "r", *common]
-    killed = run_python(killer(script, step_fn, kill_at, argv))
+    killed = run_hooked(script[:-3], kill_at, "SIGKILL", *argv)
     assert killed.returncode == -9, killed.stderr
     saved = load(tmp_path / "b" / "r")["step"]
     # killed inside step kill_at: the last checkpoint is the last periodic (every 5) or epoch-end (every 8) one before
@@ -124,10 +106,10 @@ def test_sigkill_then_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, 
 @pytest.mark.parametrize("algo,sig,code", [("vanilla", "SIGINT", 130), ("wgan", "SIGINT", 130),
                                            ("wgan", "SIGTERM", 143)])
 def test_sigint_sigterm_save_a_loadable_checkpoint_and_exit(tmp_path, data_root, algo, sig, code):
-    script, step_fn, small, _ = SCRIPTS[algo]
+    script, small, _ = SCRIPTS[algo]
     argv = ["--data-root", str(data_root), "--runs-dir", str(tmp_path), "--run-name", "r", "--epochs", "3",
             "--checkpoint-every", "0", *small]
-    out = run_python(killer(script, step_fn, 11, argv, sig=sig))
+    out = run_hooked(script[:-3], 11, sig, *argv)
     assert out.returncode == code, out.stderr
     assert f"interrupted by {sig}: checkpoint saved" in out.stderr and "Traceback" not in out.stderr
     ckpt = load(tmp_path / "r")
@@ -136,22 +118,9 @@ def test_sigint_sigterm_save_a_loadable_checkpoint_and_exit(tmp_path, data_root,
 
 @pytest.mark.parametrize("algo", ["vanilla", "wgan"])
 def test_nan_stops_with_exit_3_and_keeps_the_last_good_checkpoint(tmp_path, data_root, algo):
-    script, step_fn, small, _ = SCRIPTS[algo]
-    module = script[:-3]
-    code = textwrap.dedent(f"""
-        import torch, {module} as m, utils
-        real, count = m.{step_fn}, [0]
-        def step(G, D, *a):
-            count[0] += 1
-            if count[0] == 7:  # a weight goes NaN, as after an exploding update
-                with torch.no_grad():
-                    next(D.parameters()).fill_(float("nan"))
-            return real(G, D, *a)
-        m.{step_fn} = step
-        utils.run_main(m.main, {["--data-root", str(data_root), "--runs-dir", str(tmp_path), "--run-name", "r",
-                                 "--log-every", "1", "--checkpoint-every", "4", *small]!r})
-    """)
-    out = run_python(code)
+    script, small, _ = SCRIPTS[algo]
+    out = run_hooked(script[:-3], 7, "nan", "--data-root", data_root, "--runs-dir", tmp_path, "--run-name", "r",
+                     "--log-every", "1", "--checkpoint-every", "4", *small)  # a weight of D turns NaN before step 7
     assert out.returncode == 3, out.stderr
     lines = out.stderr.strip().splitlines()
     assert lines[-1].startswith("error: training diverged at step 7: loss/")
@@ -166,7 +135,7 @@ def test_nan_stops_with_exit_3_and_keeps_the_last_good_checkpoint(tmp_path, data
 def test_evaluations_during_training_do_not_change_the_training(tmp_path, data_root, algo):
     """--eval-every 1 ends with the same networks as --no-eval: whether the evaluation trains its classifier (run a)
     or loads it from the cache (run c), it draws nothing from the training's random numbers."""
-    script, _, small, _ = SCRIPTS[algo]
+    script, small, _ = SCRIPTS[algo]
     common = ["--data-root", str(data_root), "--epochs", "3", *small]
     for name, flags in (("a", ["--eval-every", "1"]), ("c", ["--eval-every", "1"]), ("b", ["--no-eval"])):
         out = run_script(script, "--runs-dir", tmp_path, "--run-name", name, *common, *flags)
