@@ -110,8 +110,6 @@ def main(argv=None):
         writer.add_image("real", utils.image_grid(utils.to_model_range(images[:args.n_samples])), 0)
 
     def save_checkpoint():
-        if ema:
-            ema.calibrate()  # the checkpoint's average carries statistics of its own weights (for evaluate.py)
         utils.check_finite(step, G=G, C=C)  # never write a diverged state over the last good one
         utils.save_checkpoint(utils.run_state(ALGO, args, step, fixed_noise, parts), run_dir / utils.CHECKPOINT)
 
@@ -158,7 +156,7 @@ def main(argv=None):
             epoch_done = order.position == order.steps_per_epoch
             if epoch_done or stop.signum or step >= max_steps:  # the grid of each epoch, and of where a run stops
                 if ema:
-                    ema.calibrate()
+                    ema.calibrate()  # BatchNorm statistics of the averaged weights (saving does it too)
                 G_sample.eval()  # sample with BatchNorm's running statistics, not the fixed batch's own
                 with torch.no_grad():
                     fakes = G_sample(fixed_noise)
