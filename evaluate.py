@@ -201,11 +201,17 @@ def metrics(feats, probs, test_feats):
 # Generators from checkpoints
 
 
-def to_uint8_28(images):
-    """[-1, 1] images N x C x H x W (or N x H*W) -> uint8 N x 28 x 28, 0 = black; antialiased resize when H != 28."""
+def as_image_batch(images):
+    """N x C x H x W as is; the vanilla generator's flat N x H*W output as N x 1 x H x W (square images)."""
     if images.dim() == 2:
         side = int(round(images.shape[1] ** 0.5))
         images = images.view(-1, 1, side, side)
+    return images
+
+
+def to_uint8_28(images):
+    """[-1, 1] images N x C x H x W (or N x H*W) -> uint8 N x 28 x 28, 0 = black; antialiased resize when H != 28."""
+    images = as_image_batch(images)
     if images.shape[-1] != 28:
         images = F.interpolate(images.float(), size=(28, 28), mode="bilinear", antialias=True, align_corners=False)
     return ((images[:, 0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
@@ -235,10 +241,7 @@ def interpolation(G, z_dim, device, rows=8, steps=10, seed=0):
     G.eval()
     images = G(z)
     G.train(was_training)
-    if images.dim() == 2:  # the vanilla generator's flat output
-        side = int(round(images.shape[1] ** 0.5))
-        images = images.view(-1, 1, side, side)
-    return images
+    return as_image_batch(images)
 
 
 class Evaluator:

@@ -457,7 +457,7 @@ def lock_run_dir(run_dir):
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
-        holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+        holder = _lock_pid(fd)
         os.close(fd)
         raise UserError(f"run folder {run_dir} is in use by process {holder} (another training writes it); wait for it"
                         " to end or stop it, then --resume")
@@ -484,9 +484,14 @@ def lock_holder(run_dir):
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # only to probe: released at once
         return None
     except OSError:
-        return os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+        return _lock_pid(fd)
     finally:
         os.close(fd)
+
+
+def _lock_pid(fd):
+    """The PID the holder wrote into the lock file (it may not have written it yet)."""
+    return os.read(fd, 32).decode(errors="replace").strip() or "unknown"
 
 
 def write_atomic(path, write):
