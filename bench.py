@@ -3,8 +3,9 @@
     python bench.py --device cpu            # a table
     python bench.py --device cpu --json     # one JSON line
 
-Reference loop: a torchvision-style dataset (PIL image -> ToTensor -> Normalize per image) through a DataLoader,
-`retain_graph=True` in the vanilla D step, plain optimizers. Ours: the very step functions the training scripts run,
+Reference loop: textbook.py's steps (the sources' own: separate forwards, `retain_graph=True` in the vanilla D step,
+a clamp per critic parameter), plain optimizers, and a torchvision-style dataset (PIL image -> ToTensor -> Normalize
+per image) through a DataLoader. Ours: the very step functions the training scripts run,
 on the dataset resident on the device. Same data, device and sizes; warm-up first, then the two alternated.
 """
 import argparse
@@ -14,9 +15,9 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
+import textbook
 import train_vanilla_gan
 import train_wgan
 import utils
@@ -24,46 +25,7 @@ from models import Critic, Discriminator, Generator, WGANGenerator
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# The reference: the sources' loop, kept here only to measure against (and to test that our step computes the same).
-
-
-def reference_vanilla_step(G, D, opt_G, opt_D, real, z):
-    """The simple-GAN source's step: separate D passes, BCE each, retain_graph for G's reuse of the fake."""
-    real = real.view(real.shape[0], -1)
-    fake = G(z)
-    disc_real = D(real).view(-1)
-    loss_D_real = F.binary_cross_entropy(disc_real, torch.ones_like(disc_real))
-    disc_fake = D(fake).view(-1)
-    loss_D_fake = F.binary_cross_entropy(disc_fake, torch.zeros_like(disc_fake))
-    loss_D = (loss_D_real + loss_D_fake) / 2
-    D.zero_grad()
-    loss_D.backward(retain_graph=True)
-    opt_D.step()
-    output = D(fake).view(-1)
-    loss_G = F.binary_cross_entropy(output, torch.ones_like(output))
-    G.zero_grad()
-    loss_G.backward()
-    opt_G.step()
-    return loss_D.detach(), loss_G.detach(), disc_real.mean().detach(), disc_fake.mean().detach()
-
-
-def reference_wgan_step(G, C, opt_G, opt_C, real, z, z_g, clip_value):
-    """The WGAN source's critic step (fake detached, p.data.clamp_ per tensor) and, when z_g is given, a G step."""
-    fake = G(z).detach()
-    loss_C = -torch.mean(C(real)) + torch.mean(C(fake))
-    opt_C.zero_grad()
-    loss_C.backward()
-    opt_C.step()
-    for p in C.parameters():
-        p.data.clamp_(-clip_value, clip_value)
-    loss_G = None
-    if z_g is not None:
-        opt_G.zero_grad()
-        loss_G = -torch.mean(C(G(z_g)))
-        loss_G.backward()
-        opt_G.step()
-        loss_G = loss_G.detach()
-    return loss_C.detach(), loss_G
+# The reference loop's data: the sources' torchvision pipeline (its steps are textbook.py's).
 
 
 class SourceStyleDataset(torch.utils.data.Dataset):
@@ -115,7 +77,7 @@ def vanilla_setup(device, z_dim=64, batch=32, lr=3e-4):
     our_opts = [torch.optim.Adam(m.parameters(), lr=lr, **fast) for m in (G2, D2)]
 
     def ref(real):
-        reference_vanilla_step(G1, D1, *ref_opts, real.to(device), torch.randn(batch, z_dim, device=device))
+        textbook.vanilla_gan_step(G1, D1, *ref_opts, real.to(device), torch.randn(batch, z_dim, device=device))
 
     def ours(real):
         train_vanilla_gan.train_step(G2, D2, *our_opts, real, torch.randn(batch, z_dim, device=device))
@@ -138,7 +100,7 @@ def wgan_setup(device, z_dim=100, batch=64, lr=5e-5, n_critic=5, clip=0.01):
     def ref(real):
         counts[0] += 1
         z_g = torch.randn(batch, z_dim, device=device) if counts[0] % n_critic == 0 else None
-        reference_wgan_step(G1, C1, *ref_opts, real.to(device), torch.randn(batch, z_dim, device=device), z_g, clip)
+        textbook.wgan_step(G1, C1, *ref_opts, real.to(device), torch.randn(batch, z_dim, device=device), z_g, clip)
 
     def ours(real):
         counts[1] += 1

@@ -6,14 +6,8 @@
 Critic: minimize -mean C(x) + mean C(G(z)), then clip every critic weight to [-c, c] (a crude Lipschitz bound).
 Generator: every n_critic critic steps, minimize -mean C(G(z)). Both with RMSprop, as the paper advises.
 """
-import argparse
-import sys
-import time
-
 import torch
-from tqdm import tqdm
 
-import evaluate
 import utils
 from models import Critic, WGANGenerator
 
@@ -33,12 +27,8 @@ LEGACY = {"preset": None}  # flags that checkpoints written before they existed 
 
 
 def make_parser():
-    parser = argparse.ArgumentParser(description=__doc__, allow_abbrev=False,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="default",
-                        help="a set of defaults (flags typed explicitly override it): " + utils.preset_help(PRESETS))
-    utils.add_common_args(parser, dataset="fashion-mnist", epochs=50, batch_size=64, lr=1e-4, z_dim=100, img_size=28,
-                          log_every=100)
+    parser = utils.make_parser(__doc__, PRESETS, dataset="fashion-mnist", epochs=50, batch_size=64, lr=1e-4, z_dim=100,
+                               img_size=28, log_every=100)
     parser.add_argument("--clip-value", type=utils.positive_float, default=0.01,
                         help="critic weights clipped to [-c, c]")
     parser.add_argument("--n-critic", type=utils.positive_int, default=1, help="critic steps per generator step")
@@ -80,98 +70,32 @@ def generator_step(G, C, opt_G, z):
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else list(argv)
-    parser = make_parser()
-    args = parser.parse_args(argv)
-    utils.apply_preset(args, parser, argv, PRESETS)
-    ckpt = utils.resume_config(args, parser, argv, ALGO, LEGACY) if args.resume else None
-    device = utils.select_device(args.device)
-    utils.seed_everything(args.seed)
-
+    # Setup (plumbing shared with train_vanilla_gan.py, in utils.py): flags, device, seed, the dataset on the device.
+    args, ckpt, device = utils.setup(make_parser(), argv, PRESETS, ALGO, LEGACY)
     images = utils.load_train_images(args.dataset, args.data_root, args.img_size, device)
-    order = utils.EpochOrder(len(images), args.batch_size, args.seed)
-    run_dir = utils.make_run_dir(args, ALGO)  # only once the data loaded: a failed start leaves no empty run
-    img_shape = tuple(images.shape[1:])
-
-    G = WGANGenerator(args.z_dim, img_shape, args.g_widths).to(device)
-    C = Critic(img_shape, args.critic_widths).to(device)
+    G = WGANGenerator(args.z_dim, images.shape[1:], args.g_widths).to(device)
+    C = Critic(images.shape[1:], args.critic_widths).to(device)
     opt_G = torch.optim.RMSprop(G.parameters(), lr=args.lr, **utils.optimizer_kwargs(device, fused=False))
     opt_C = torch.optim.RMSprop(C.parameters(), lr=args.lr, **utils.optimizer_kwargs(device, fused=False))
-    fixed_noise = torch.randn(args.n_samples, args.z_dim, device=device)
-    step = 0  # critic steps (one per batch); the generator steps after every n_critic-th
-    parts = {"G": G, "C": C, "opt_G": opt_G, "opt_C": opt_C, "order": order}  # all a checkpoint restores
-    if ckpt:
-        fixed_noise, step = utils.restore_run_state(ckpt, parts, device)
-        print(f"resuming {run_dir} at step {step} (epoch {order.epoch + 1}, batch {order.position})")
-    ema = utils.make_ema(G, args.ema_decay, ckpt, parts)  # restored, or a copy of G
-    G_sample = ema.model if ema else G  # what the grids and evaluations draw from
-    writer = utils.open_writer(run_dir, args, resume_step=step if ckpt else None)
-    if not ckpt:
-        writer.add_image("real", utils.image_grid(utils.to_model_range(images[:args.n_samples])), 0)
+    # The run folder (a --resume restores all of these from its checkpoint), TensorBoard, the weight average of G.
+    run = utils.Run(ALGO, args, images, ckpt, G=G, C=C, opt_G=opt_G, opt_C=opt_C)
 
-    def save_checkpoint():
-        utils.check_finite(step, G=G, C=C)  # never write a diverged state over the last good one
-        utils.save_checkpoint(utils.run_state(ALGO, args, step, fixed_noise, parts), run_dir / utils.CHECKPOINT)
-
-    run_eval = evaluate.TrainingEval(args, device)
-    max_steps = args.max_steps or float("inf")
-    loss_G = None
-    with utils.StopSignals() as stop:
-        while order.epoch < args.epochs and step < max_steps and not stop.signum:
-            started, epoch_sums, epoch_steps = time.time(), torch.zeros(2, device=device), [0, 0]
-            bar = tqdm(order.batches(device), total=order.steps_per_epoch, initial=order.position,
-                       disable=not args.progress, desc=f"epoch {order.epoch + 1}/{args.epochs}", leave=False,
-                       dynamic_ncols=True)
-            for idx in bar:
+    with run.signals:  # SIGINT/SIGTERM only set a flag: the step finishes, a checkpoint is saved, then the exit
+        while run.continues():  # epochs left, --max-steps not reached, no signal
+            for step, idx in run.epoch_batches():  # step counts critic steps; ends early at --max-steps or on a signal
+                # (1) Update the critic: maximize mean C(x) - mean C(G(z)), then clip its weights to [-c, c]
                 real = utils.to_model_range(images[idx])
                 z = torch.randn(args.batch_size, args.z_dim, device=device)
                 loss_C = critic_step(G, C, opt_C, real, z, args.clip_value)
-                step += 1
-                epoch_sums[0] += loss_C
-                epoch_steps[0] += 1
+                run.record({"loss/critic": loss_C, "wasserstein_estimate": -loss_C})
+                # (2) Update G every n_critic critic steps: maximize mean C(G(z))
                 if step % args.n_critic == 0:
-                    z = torch.randn(args.batch_size, args.z_dim, device=device)
-                    loss_G = generator_step(G, C, opt_G, z)
-                    if ema:
-                        ema.update(G)
-                    epoch_sums[1] += loss_G
-                    epoch_steps[1] += 1
-                if step % args.log_every == 0:
-                    values = {"loss/critic": loss_C, "wasserstein_estimate": -loss_C}
-                    if loss_G is not None:
-                        values["loss/G"] = loss_G
-                    bar.set_postfix(utils.log_scalars(writer, step, values))
-                if args.checkpoint_every and step % args.checkpoint_every == 0:
-                    save_checkpoint()
-                if stop.signum or step >= max_steps:
-                    break
-            bar.close()
-            if epoch_steps[0]:
-                mean_critic = epoch_sums[0] / epoch_steps[0]
-                means = {"loss/critic": mean_critic, "wasserstein_estimate": -mean_critic}
-                if epoch_steps[1]:
-                    means["loss/G"] = epoch_sums[1] / epoch_steps[1]
-                means = utils.log_scalars(writer, step, means, tag="epoch_mean/")
-                utils.print_epoch(order.epoch + 1, args.epochs, step, means, time.time() - started)
-            epoch_done = order.position == order.steps_per_epoch
-            if epoch_done or stop.signum or step >= max_steps:  # the grid of each epoch, and of where a run stops
-                if ema:
-                    ema.calibrate()  # BatchNorm statistics of the averaged weights (saving does it too)
-                G_sample.eval()  # sample with BatchNorm's running statistics, not the fixed batch's own
-                with torch.no_grad():
-                    fakes = G_sample(fixed_noise)
-                G.train()
-                utils.log_samples(writer, run_dir, fakes, step, order.epoch + 1 if epoch_done else None)
-            if epoch_done:
-                order.next_epoch()
-                run_eval.after_epoch(G_sample, writer, step, order.epoch)
-            save_checkpoint()
-    if stop.signum:
-        utils.close_writer(writer)
-        raise utils.Interrupted(stop.signum)
-    run_eval.final(G_sample, writer, step, run_dir)
-    utils.close_writer(writer)
-    print(f"done: {run_dir} (step {step})")
+                    loss_G = generator_step(G, C, opt_G, torch.randn(args.batch_size, args.z_dim, device=device))
+                    run.update_average(G)
+                    run.record({"loss/G": loss_G})
+                run.after_step()  # TensorBoard every --log-every steps, a checkpoint every --checkpoint-every
+            run.end_epoch()  # epoch means; sample grid; every --eval-every epochs an evaluation; checkpoint
+    run.finish()  # the final evaluation, metrics.json
 
 
 if __name__ == "__main__":

@@ -12,11 +12,13 @@ import signal
 import struct
 import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Errors and exit codes
@@ -139,9 +141,14 @@ def fraction(text):
     return value
 
 
-def add_common_args(parser, *, dataset, epochs, batch_size, lr, z_dim, img_size, log_every):
-    """The flags both scripts share, with each script's own defaults."""
+def make_parser(description, presets, *, dataset, epochs, batch_size, lr, z_dim, img_size, log_every):
+    """A training script's parser holding --preset and the flags both scripts share, with the script's own defaults;
+    the script adds its algorithm's flags."""
+    parser = argparse.ArgumentParser(description=description, allow_abbrev=False,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add = parser.add_argument
+    add("--preset", choices=sorted(presets), default="default",
+        help="a set of defaults (flags typed explicitly override it): " + preset_help(presets))
     add("--dataset", choices=sorted(DATASETS), default=dataset, help="training data")
     add("--data-root", default="data", help="folder holding <MNIST|FashionMNIST>/raw/ (downloaded there if missing)")
     add("--epochs", type=positive_int, default=epochs, help="passes over the training split")
@@ -163,6 +170,7 @@ def add_common_args(parser, *, dataset, epochs, batch_size, lr, z_dim, img_size,
     add("--eval-n", type=positive_int, default=10000, help="generated images per evaluation")
     add("--no-eval", dest="eval", action="store_false", help="skip the quality evaluations (and metrics.json)")
     add("--no-progress", dest="progress", action="store_false", help="no tqdm bar (one line per epoch only)")
+    return parser
 
 
 def preset_help(presets):
@@ -365,6 +373,168 @@ class EpochOrder:
     def load_state_dict(self, state):
         self.epoch, self.position, self.perm = state["epoch"], state["position"], state["perm"]
         self.generator.set_state(state["generator"])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The training run: what both loops do around their algorithm
+
+
+def setup(parser, argv, presets, algo, legacy):
+    """Parse the flags (a preset fills the ones not typed; a --resume takes the rest from its checkpoint), pick the
+    device and seed every RNG. Returns (args, the checkpoint to resume or None, device)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parser.parse_args(argv)
+    apply_preset(args, parser, argv, presets)
+    ckpt = resume_config(args, parser, argv, algo, legacy) if args.resume else None
+    device = select_device(args.device)
+    seed_everything(args.seed)
+    return args, ckpt, device
+
+
+class Run:
+    """The plumbing of one training run, the same in both scripts: run folder, resume, the generator's weight average,
+    TensorBoard, epoch means, sample grids, evaluations, checkpoints and when to stop. The scripts keep the algorithm
+    (the step functions and their order) and call in here at fixed points of their loop:
+
+        run = Run(algo, args, images, ckpt, G=G, D=D, opt_G=opt_G, opt_D=opt_D)  # restores them on --resume
+        with run.signals:                           # SIGINT/SIGTERM: finish the step, save, exit 130/143
+            while run.continues():                  # epochs left, --max-steps not reached, no signal
+                for step, idx in run.epoch_batches():   # ends early at --max-steps or on a signal
+                    ... the algorithm's step(s); run.record({"loss/D": loss_D, ...}) ...
+                    run.after_step()                # TensorBoard every --log-every, checkpoint every --checkpoint-every
+                run.end_epoch()                     # epoch means, sample grid, evaluation, checkpoint
+        run.finish()                                # final evaluation and metrics.json
+    """
+
+    def __init__(self, algo, args, images, ckpt, **parts):
+        """images: the training set on the device (load_train_images). parts: networks and optimizers by the names
+        their checkpoint entries have, the generator as G."""
+        import evaluate  # here, not at the top: evaluate.py imports this module
+
+        self.algo, self.args, self.images, self.device = algo, args, images, images.device
+        self.order = EpochOrder(len(images), args.batch_size, args.seed)
+        self.parts = {**parts, "order": self.order}  # all a checkpoint restores
+        self.run_dir = make_run_dir(args, algo)  # only once data and networks exist: a failed start leaves no run
+        self.fixed_noise = torch.randn(args.n_samples, args.z_dim, device=self.device)  # the grids' noise
+        self.step = 0  # steps done, over the whole run
+        if ckpt:
+            self.fixed_noise, self.step = restore_run_state(ckpt, self.parts, self.device)
+            print(f"resuming {self.run_dir} at step {self.step} (epoch {self.order.epoch + 1}, batch"
+                  f" {self.order.position})")
+        self.ema = make_ema(parts["G"], args.ema_decay, ckpt, self.parts)  # restored, or a copy of G
+        self.G_sample = self.ema.model if self.ema else parts["G"]  # what the grids and evaluations draw from
+        self.writer = open_writer(self.run_dir, args, resume_step=self.step if ckpt else None)
+        if not ckpt:
+            self.writer.add_image("real", image_grid(to_model_range(images[:args.n_samples])), 0)
+        self.evaluation = evaluate.TrainingEval(args, self.device)
+        self.max_steps = args.max_steps or float("inf")
+        self.signals = StopSignals()
+        self.means, self.latest = EpochMeans(), {}
+        self.bar, self.epoch_started = None, None
+
+    def continues(self):
+        return self.order.epoch < self.args.epochs and not self.stopped()
+
+    def stopped(self):
+        return self.signals.signum is not None or self.step >= self.max_steps
+
+    def epoch_batches(self):
+        """Yield (step, image indices) for each batch left in the current epoch (the rest of it after a resume), step
+        counting from 1 over the whole run; under a progress bar. Ends early, before the next batch, once --max-steps
+        steps are done or a signal came."""
+        self.epoch_started = time.time()
+        self.bar = tqdm(total=self.order.steps_per_epoch, initial=self.order.position, disable=not self.args.progress,
+                        desc=f"epoch {self.order.epoch + 1}/{self.args.epochs}", leave=False, dynamic_ncols=True)
+        for idx in self.order.batches(self.device):
+            self.step += 1
+            yield self.step, idx
+            self.bar.update()
+            if self.stopped():
+                return
+
+    def update_average(self, G):
+        """The generator's weight average (--ema-decay), after each generator step."""
+        if self.ema:
+            self.ema.update(G)
+
+    def record(self, values):
+        """Tensors of this step (no host sync): summed for the epoch means, the latest of each logged."""
+        self.means.add(values)
+        self.latest.update(values)
+
+    def after_step(self):
+        if self.step % self.args.log_every == 0:  # note: a host sync, once every --log-every steps
+            self.bar.set_postfix(log_scalars(self.writer, self.step, self.latest))
+        if self.args.checkpoint_every and self.step % self.args.checkpoint_every == 0:
+            self.save_checkpoint()
+
+    def end_epoch(self):
+        """After an epoch, or where the loop stopped mid-epoch: the epoch's means, the sample grid, on a whole epoch
+        the next epoch's order and (every --eval-every epochs) an evaluation, and a checkpoint."""
+        self.bar.close()
+        if self.means.sums:
+            means = log_scalars(self.writer, self.step, self.means.result(), tag="epoch_mean/")
+            print_epoch(self.order.epoch + 1, self.args.epochs, self.step, means, time.time() - self.epoch_started)
+        self.means = EpochMeans()
+        epoch_done = self.order.position == self.order.steps_per_epoch
+        if epoch_done or self.stopped():
+            self.sample_grid(self.order.epoch + 1 if epoch_done else None)
+        if epoch_done:
+            self.order.next_epoch()
+            self.evaluation.after_epoch(self.G_sample, self.writer, self.step, self.order.epoch)
+        self.save_checkpoint()
+
+    def sample_grid(self, epoch):
+        """The fixed noise's samples, to TensorBoard and samples/ (see log_samples)."""
+        if self.ema:
+            self.ema.calibrate()  # BatchNorm statistics of the averaged weights (saving does it too)
+        fakes = generate(self.G_sample, self.fixed_noise)
+        log_samples(self.writer, self.run_dir, fakes.view(-1, *self.images.shape[1:]), self.step, epoch)
+
+    def save_checkpoint(self):
+        networks = {name: part for name, part in self.parts.items() if isinstance(part, torch.nn.Module)}
+        check_finite(self.step, **networks)  # never write a diverged state over the last good one
+        state = run_state(self.algo, self.args, self.step, self.fixed_noise, self.parts)
+        save_checkpoint(state, self.run_dir / CHECKPOINT)
+
+    def finish(self):
+        """The end: after a signal, exit 128 + signal (the checkpoint is saved); else the final evaluation."""
+        if self.signals.signum:
+            close_writer(self.writer)
+            raise Interrupted(self.signals.signum)
+        self.evaluation.final(self.G_sample, self.writer, self.step, self.run_dir)
+        close_writer(self.writer)
+        print(f"done: {self.run_dir} (step {self.step})")
+
+
+class EpochMeans:
+    """Sums of step values on the device (no host sync per step). Values recorded together are counted together, so
+    the WGAN's generator loss is a mean over generator steps, its critic loss over critic steps."""
+
+    def __init__(self):
+        self.sums, self.counts = {}, {}
+
+    def add(self, values):
+        names = tuple(values)
+        if names not in self.sums:
+            self.sums[names] = torch.zeros(len(names), device=next(iter(values.values())).device)
+            self.counts[names] = 0
+        self.sums[names] += torch.stack(list(values.values()))
+        self.counts[names] += 1
+
+    def result(self):
+        return {name: mean for names, sums in self.sums.items() for name, mean in zip(names, sums / self.counts[names])}
+
+
+@torch.no_grad()
+def generate(G, z):
+    """G(z) in eval mode (BatchNorm uses its running statistics, not the batch's own), G's mode restored after."""
+    was_training = G.training
+    G.eval()
+    try:
+        return G(z)
+    finally:
+        G.train(was_training)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

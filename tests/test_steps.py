@@ -3,6 +3,7 @@ import numpy as np
 import torch
 
 import bench
+import textbook
 import train_vanilla_gan
 import train_wgan
 from models import Critic, Discriminator, Generator, WGANGenerator
@@ -89,7 +90,7 @@ def test_fast_vanilla_step_equals_reference_step():
     for i in range(3):
         real, z = torch.rand(8, 1, 28, 28) * 2 - 1, torch.randn(8, 16)
         fast = train_vanilla_gan.train_step(G1, D1, *fast_opts, real, z)
-        ref = bench.reference_vanilla_step(G2, D2, *ref_opts, real, z)
+        ref = textbook.vanilla_gan_step(G2, D2, *ref_opts, real, z)
         for a, b in zip(fast, ref):
             assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
     for a, b in zip(list(G1.parameters()) + list(D1.parameters()), list(G2.parameters()) + list(D2.parameters())):
@@ -106,7 +107,7 @@ def test_fast_wgan_steps_equal_reference_steps():
         do_g = step % 3 == 0
         loss_C = train_wgan.critic_step(G1, C1, fast_opts[1], real, z, 0.01)
         loss_G = train_wgan.generator_step(G1, C1, fast_opts[0], z_g) if do_g else None
-        ref_C, ref_G = bench.reference_wgan_step(G2, C2, ref_opts[0], ref_opts[1], real, z, z_g if do_g else None, 0.01)
+        ref_C, ref_G = textbook.wgan_step(G2, C2, ref_opts[0], ref_opts[1], real, z, z_g if do_g else None, 0.01)
         assert torch.allclose(loss_C, ref_C, rtol=1e-4, atol=1e-6), (loss_C - ref_C).item()
         if do_g:
             assert torch.allclose(loss_G, ref_G, rtol=1e-4, atol=1e-6)
