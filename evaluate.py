@@ -220,12 +220,9 @@ def to_uint8_28(images):
 @torch.no_grad()
 def sample(G, z_dim, n, device, seed=0, batch=1000):
     """n images from G in eval mode with a fixed seed, as uint8 N x 28 x 28 on the CPU; G's mode is restored."""
-    was_training = G.training
-    G.eval()
     gen = torch.Generator(device=device).manual_seed(seed)
-    out = [to_uint8_28(G(torch.randn(min(batch, n - i), z_dim, device=device, generator=gen))).cpu()
+    out = [to_uint8_28(utils.generate(G, torch.randn(min(batch, n - i), z_dim, device=device, generator=gen))).cpu()
            for i in range(0, n, batch)]
-    G.train(was_training)
     return torch.cat(out)
 
 
@@ -237,11 +234,7 @@ def interpolation(G, z_dim, device, rows=8, steps=10, seed=0):
     start, end = torch.randn(2, rows, 1, z_dim, device=device, generator=gen)
     t = torch.linspace(0, 1, steps, device=device)[None, :, None]
     z = (start + t * (end - start)).reshape(rows * steps, z_dim)
-    was_training = G.training
-    G.eval()
-    images = G(z)
-    G.train(was_training)
-    return as_image_batch(images)
+    return as_image_batch(utils.generate(G, z))
 
 
 class Evaluator:

@@ -50,9 +50,14 @@ def bce(p, target):
 
 
 def train_step(G, D, opt_G, opt_D, real, z):
-    """One discriminator step, then one generator step on the same fake batch.
+    """One discriminator step, then one generator step on the same fake batch:
 
-    Returns (loss_D, loss_G, mean D(x), mean D(G(z))) as detached tensors: no host sync here.
+    (1) D: maximize log D(x) + log(1 - D(G(z))), i.e. minimize [BCE(D(x), 1) + BCE(D(G(z)), 0)] / 2;
+    (2) G: maximize log D(G(z)) (the non-saturating loss), i.e. minimize BCE(D(G(z)), 1), through the D of (1).
+
+    The same numbers as the textbook form, textbook.vanilla_gan_step (tests/test_steps.py), with one D forward for
+    real and fake and no retained graph. Returns (loss_D, loss_G, mean D(x), mean D(G(z))) as detached tensors: no
+    host sync here.
     """
     batch = real.shape[0]
     fake = G(z)

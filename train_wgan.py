@@ -43,7 +43,11 @@ def make_parser():
 
 
 def critic_step(G, C, opt_C, real, z, clip_value):
-    """One critic step and the weight clipping after it. Returns the critic loss (detached: no host sync)."""
+    """One critic step, minimize -mean C(x) + mean C(G(z)), then clip every critic weight to [-c, c].
+
+    The same numbers as the textbook form, textbook.wgan_step (tests/test_steps.py), with one critic forward for real
+    and fake and one clamp kernel for all weights. Returns the critic loss (detached: no host sync).
+    """
     with torch.no_grad():  # the fake is a constant here: no graph through G
         fake = G(z)
     batch = real.shape[0]
@@ -61,7 +65,8 @@ def critic_step(G, C, opt_C, real, z, clip_value):
 
 
 def generator_step(G, C, opt_G, z):
-    """One generator step: minimize -mean C(G(z)); gradients go to G only. Returns the loss (detached)."""
+    """One generator step: minimize -mean C(G(z)); gradients go to G only (textbook.wgan_step with z_g). Returns the
+    loss (detached)."""
     loss_G = -C(G(z)).mean()
     opt_G.zero_grad(set_to_none=True)
     loss_G.backward(inputs=list(G.parameters()))

@@ -1,6 +1,12 @@
-"""What both training scripts share: arguments, device, seeding, data, run folders, checkpoints, logging, image grids.
+"""What both training scripts share, in sections, in this order:
 
-Errors a user can fix raise UserError; `run_main` turns them into one stderr line and an exit code, never a traceback.
+    Errors and exit codes     UserError and its kinds; run_main turns them into one stderr line and an exit code
+    Flags                     value types, the flags both scripts have, presets
+    Device and seeding        select_device, optimizer_kwargs, seeds and RNG states
+    Data                      IDX files read into one uint8 tensor on the device; EpochOrder (exact mid-epoch resume)
+    The training run          setup() and Run: all the loop does besides the algorithm
+    Run folder, checkpoints   the folder and its lock, atomic writes, checkpoints, the EMA, stop signals
+    Logging                   TensorBoard scalars, sample grids, progress.gif
 """
 import argparse
 import datetime
@@ -98,7 +104,7 @@ def _thread_excepthook(hook_args):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Arguments
+# Flags
 
 DATASETS = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST"}  # flag value -> torchvision folder/class name
 # Flags that may differ on --resume: they change how a run is watched or where it runs, not what it computes.
@@ -106,39 +112,32 @@ RUNTIME_FLAGS = {"epochs", "max_steps", "log_every", "checkpoint_every", "eval_e
                  "data_root", "runs_dir", "run_name", "resume", "progress"}
 
 
-def positive_int(text):
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+def _number(text, convert, valid, requirement):
+    """An argparse type: text converted by int/float, refused in one line unless valid(value)."""
+    try:
+        value = convert(text)
+    except ValueError:
+        value = None
+    if value is None or not valid(value):
+        raise argparse.ArgumentTypeError(f"must be {requirement}, got {text!r}")
     return value
+
+
+def positive_int(text):
+    return _number(text, int, lambda v: v > 0, "a positive integer")
 
 
 def non_negative_int(text):
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
-    return value
+    return _number(text, int, lambda v: v >= 0, "0 or more")
 
 
 def positive_float(text):
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number, got {text}")
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text}")
-    return value
+    return _number(text, float, lambda v: 0 < v < float("inf"), "a positive finite number")
 
 
 def fraction(text):
     """A number in [0, 1): a decay, a dropout rate, a LeakyReLU slope."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number, got {text}")
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 0 and below 1, got {text}")
-    return value
+    return _number(text, float, lambda v: 0 <= v < 1, "at least 0 and below 1")
 
 
 def make_parser(description, presets, *, dataset, epochs, batch_size, lr, z_dim, img_size, log_every):
@@ -217,6 +216,11 @@ def select_device(name):
     if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         raise UserError("--device mps: MPS is not available; use --device cpu or auto")
     return torch.device(name)
+
+
+def optimizer_kwargs(device, fused=True):
+    """Fused (Adam) or foreach (RMSprop) kernels: one launch for all parameters instead of one per tensor."""
+    return {"fused": True} if fused and device.type in ("cpu", "cuda") else {"foreach": True}
 
 
 def seed_everything(seed):
@@ -538,7 +542,7 @@ def generate(G, z):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Run folder, resume, checkpoints
+# Run folder, checkpoints
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -846,8 +850,3 @@ def write_progress_gif(samples, frame_ms=300, last_frame_ms=2500):
     write_atomic(samples / "progress.gif", lambda f: frames[0].save(f, format="GIF", save_all=True,
                                                                      append_images=frames[1:], duration=durations,
                                                                      loop=0))
-
-
-def optimizer_kwargs(device, fused=True):
-    """Fused (Adam) or foreach (RMSprop) kernels: one launch for all parameters instead of one per tensor."""
-    return {"fused": True} if fused and device.type in ("cpu", "cuda") else {"foreach": True}

@@ -59,7 +59,7 @@ def test_missing_data_offline_names_the_folders_and_the_flag(tmp_path, runs, cap
     assert not any(runs.iterdir())  # no empty run folder left behind
 
 
-def test_system_folder_is_the_fallback(tmp_path, monkeypatch):
+def test_the_system_dataset_folder_is_the_fallback_when_offline(tmp_path, monkeypatch):
     make_dataset(tmp_path / "sys", "FashionMNIST", n_train=40)
     monkeypatch.setattr(utils, "SYSTEM_DATA_DIRS", {"fashion-mnist": [tmp_path / "sys" / "FashionMNIST" / "raw"]})
     images, labels = utils.load_split("fashion-mnist", tmp_path / "empty", "train")
@@ -93,7 +93,7 @@ def break_file(raw, how):
 
 
 @pytest.mark.parametrize("how", ["corrupt gz", "truncated gz", "wrong magic", "wrong dimensions", "count mismatch"])
-def test_broken_idx_files(data_root, runs, capsys, how):
+def test_a_broken_idx_file_is_one_line_naming_the_file_and_exit_1(data_root, runs, capsys, how):
     expected = break_file(data_root / "MNIST" / "raw", how)
     code, err = cli(train_vanilla_gan, vanilla(data_root, runs), capsys)
     line = one_error_line(err)
@@ -109,20 +109,20 @@ def test_broken_idx_files(data_root, runs, capsys, how):
     (train_vanilla_gan, "--d-dropout", "nan"), (train_vanilla_gan, "--leaky-slope", "x"),
     (train_wgan, "--preset", "fast"), (train_vanilla_gan, "--preset", "paper"),
 ])
-def test_bad_numbers_are_argparse_errors(data_root, runs, capsys, module, flag, value):
+def test_out_of_range_flag_values_are_refused_with_exit_2_before_any_file(data_root, runs, capsys, module, flag, value):
     code, err = cli(module, ["--data-root", data_root, "--runs-dir", runs, flag, value], capsys)
     assert code == 2 and flag in one_error_line(err)
     assert not any(runs.iterdir())
 
 
-def test_batch_larger_than_dataset(data_root, runs, capsys):
+def test_a_batch_larger_than_the_dataset_is_refused_before_a_run_folder_exists(data_root, runs, capsys):
     code, err = cli(train_vanilla_gan, vanilla(data_root, runs, "--batch-size", 129), capsys)
     line = one_error_line(err)
     assert code == 2 and "--batch-size 129 is larger than the dataset (128 images)" in line
     assert not any(runs.iterdir())
 
 
-def test_unwritable_runs_folder(data_root, tmp_path, capsys):
+def test_an_unwritable_runs_folder_is_one_line_and_exit_2(data_root, tmp_path, capsys):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
     code, err = cli(train_vanilla_gan, vanilla(data_root, blocker / "runs"), capsys)
@@ -146,7 +146,7 @@ def test_existing_run_name_is_refused_and_left_alone(data_root, runs, finished_r
     assert snapshot(finished_run) == before
 
 
-def test_resume_missing_or_corrupt_checkpoint(data_root, runs, tmp_path, capsys):
+def test_resume_of_a_missing_or_corrupt_checkpoint_is_one_line(data_root, runs, tmp_path, capsys):
     code, err = cli(train_vanilla_gan, ["--resume", runs / "nope"], capsys)
     assert code == 2 and "no checkpoint there" in one_error_line(err)
     bad = tmp_path / "bad" / "checkpoint.pt"

@@ -4,7 +4,7 @@ import torch.nn as nn
 from models import Critic, Discriminator, Generator, WGANGenerator
 
 
-def test_vanilla_shapes_and_ranges():
+def test_vanilla_g_draws_images_in_minus1_1_and_d_gives_probabilities():
     torch.manual_seed(0)
     G, D = Generator(), Discriminator()
     fake = G(torch.randn(5, 64) * 10)  # large inputs still land in tanh's range
@@ -18,7 +18,7 @@ def test_vanilla_shapes_and_ranges():
     assert [m.negative_slope for m in G.net if isinstance(m, nn.LeakyReLU)] == [0.1]
 
 
-def test_wgan_shapes_batchnorm_and_unbounded_critic():
+def test_wgan_g_has_batchnorm_after_the_first_block_and_the_critic_an_unbounded_score():
     torch.manual_seed(0)
     G = WGANGenerator(100, (1, 32, 32))
     fake = G(torch.randn(7, 100))
@@ -38,7 +38,7 @@ def test_wgan_shapes_batchnorm_and_unbounded_critic():
     assert C(torch.ones(2, 1, 28, 28)).abs().min() > 1  # a score, not a probability
 
 
-def test_normal_init():
+def test_weights_start_normal_with_std_002_and_zero_biases():
     torch.manual_seed(0)
     G = WGANGenerator()
     big = G.net[-2].weight  # 784 x 1024

@@ -6,6 +6,7 @@ import bench
 import textbook
 import train_vanilla_gan
 import train_wgan
+import utils
 from models import Critic, Discriminator, Generator, WGANGenerator
 
 
@@ -82,7 +83,7 @@ def _clone_pair(make):
     return a, b
 
 
-def test_fast_vanilla_step_equals_reference_step():
+def test_fast_vanilla_step_equals_the_textbook_step():
     G1, G2 = _clone_pair(lambda: Generator(16, 784, [64]))
     D1, D2 = _clone_pair(lambda: Discriminator(784, [32]))
     fast_opts = [torch.optim.Adam(m.parameters(), lr=1e-3, fused=True) for m in (G1, D1)]
@@ -97,7 +98,7 @@ def test_fast_vanilla_step_equals_reference_step():
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
-def test_fast_wgan_steps_equal_reference_steps():
+def test_fast_wgan_steps_equal_the_textbook_step():
     G1, G2 = _clone_pair(lambda: WGANGenerator(16, (1, 28, 28), (32, 64)))
     C1, C2 = _clone_pair(lambda: Critic((1, 28, 28), (64, 32)))
     fast_opts = [torch.optim.RMSprop(m.parameters(), lr=5e-5, foreach=True) for m in (G1, C1)]
@@ -143,3 +144,13 @@ def test_step_flops_match_a_hand_count_so_no_needless_work_is_done():
     critic_step = 64 * g_widths + 2 * 128 * c_widths + 128 * (512 * 256 + 256)  # no grads through G or to the data
     generator_step = 2 * 64 * g_widths + 64 * (g_widths - 100 * 128) + 2 * 64 * c_widths
     assert bench.flops_per_step(ours, batches, n=5) == 2 * (critic_step + generator_step / 5)
+
+
+def test_epoch_means_average_each_group_over_the_steps_that_recorded_it():
+    means = utils.EpochMeans()
+    for step in range(1, 7):  # a WGAN epoch with n_critic 3: six critic steps, two generator steps
+        means.add({"loss/critic": torch.tensor(float(step)), "wasserstein_estimate": torch.tensor(-float(step))})
+        if step % 3 == 0:
+            means.add({"loss/G": torch.tensor(10.0 * step)})
+    result = {name: value.item() for name, value in means.result().items()}
+    assert result == {"loss/critic": 3.5, "wasserstein_estimate": -3.5, "loss/G": 45.0}
