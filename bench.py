@@ -198,15 +198,19 @@ def bench_algo(setup, images, device, steps, repeats, warmup):
             "peak_mib": None if None in our_peak else round(max(our_peak)), "batch": batch}
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def make_parser():
+    parser = utils.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--data-root", default="data", help="as in the training scripts; random images if missing")
-    parser.add_argument("--steps", type=utils.positive_int, default=200, help="steps per timed segment")
-    parser.add_argument("--repeats", type=utils.positive_int, default=3, help="alternated segments per loop")
-    parser.add_argument("--warmup", type=utils.positive_int, default=30, help="untimed steps first")
+    parser.add_argument("--data-root", type=utils.nonempty, default="data", help="as in the training scripts; random images if missing")
+    parser.add_argument("--steps", type=utils.int_range(1, 100_000), default=200, help="steps per timed segment")
+    parser.add_argument("--repeats", type=utils.int_range(1, 100), default=3, help="alternated segments per loop")
+    parser.add_argument("--warmup", type=utils.int_range(1, 100_000), default=30, help="untimed steps first")
     parser.add_argument("--json", action="store_true", help="print one JSON line")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None):
+    args = make_parser().parse_args(argv)
     device = utils.select_device(args.device)
     try:
         images, _ = utils.load_split("mnist", args.data_root, "train")

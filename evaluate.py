@@ -319,27 +319,27 @@ def print_table(rows):
         print(f"{label:10}" + "".join(f"{FORMATS[n].format(m[n]):>16}" for n in names))
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, allow_abbrev=False,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("run", help="a run folder or its checkpoint.pt")
-    parser.add_argument("--n", type=utils.positive_int, default=10000, help="generated images (default 10000)")
-    parser.add_argument("--data-root", default=None,
+def make_parser():
+    parser = utils.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run", type=utils.nonempty, help="a run folder or its checkpoint.pt")
+    parser.add_argument("--n", type=utils.EVAL_N, default=10000, help="generated images (default 10000)")
+    parser.add_argument("--data-root", type=utils.nonempty, default=None,
                         help="folder of the data and the cached classifier (default: the run's own, else data)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the sampled noise (default 0)")
+    parser.add_argument("--seed", type=utils.seed, default=0, help="seed of the sampled noise (default 0)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto")
     parser.add_argument("--raw", action="store_true",
                         help="score the trained generator, not its weight average (EMA) when the checkpoint has one")
     parser.add_argument("--no-floor", dest="floor", action="store_false", help="skip the real-versus-real row")
     parser.add_argument("--json", action="store_true", help="print one JSON line instead of the table")
-    parser.add_argument("--grid", metavar="PNG", help="save a grid of the first 64 samples")
-    parser.add_argument("--export", metavar="NPZ", help="save the samples as key 'images', uint8 N x 28 x 28")
-    parser.add_argument("--interpolate", metavar="PNG",
+    parser.add_argument("--grid", type=utils.new_file, metavar="PNG", help="save a grid of the first 64 samples")
+    parser.add_argument("--export", type=utils.new_file, metavar="NPZ", help="save the samples as key 'images', uint8 N x 28 x 28")
+    parser.add_argument("--interpolate", type=utils.new_file, metavar="PNG",
                         help="save 8 rows of 10 images, each a straight line in z between two seeded noise vectors")
-    args = parser.parse_args(argv)
-    for out in (args.grid, args.export, args.interpolate):
-        if out and Path(out).exists():
-            raise utils.UserError(f"{out} already exists; choose another path or remove it first")
+    return parser
+
+
+def main(argv=None):
+    args = make_parser().parse_args(argv)
     device = utils.select_device(args.device)
     ckpt, path = utils.load_checkpoint(args.run, flag="run")
     data_root = args.data_root or ckpt["args"].get("data_root", "data")
@@ -353,12 +353,18 @@ def main(argv=None):
     seconds = time.time() - started
     if args.floor:
         rows["real"] = evaluator.real_floor()
-    if args.grid:
-        utils.save_grid(utils.image_grid(utils.to_model_range(images[:64, None])), args.grid)
-    if args.export:
-        np.savez_compressed(args.export, images=images.numpy())
-    if args.interpolate:
-        utils.save_grid(utils.image_grid(interpolation(G, z_dim, device, seed=args.seed), nrow=10), args.interpolate)
+    try:  # the outputs were checked before any work; what fails now is the disk
+        if args.grid:
+            utils.save_grid(utils.image_grid(utils.to_model_range(images[:64, None])), args.grid)
+        if args.export:
+            Path(args.export).absolute().parent.mkdir(parents=True, exist_ok=True)
+            utils.write_atomic(args.export, lambda f: np.savez_compressed(f, images=images.numpy()))
+        if args.interpolate:
+            grid = utils.image_grid(interpolation(G, z_dim, device, seed=args.seed), nrow=10)
+            utils.save_grid(grid, args.interpolate)
+    except OSError as e:
+        raise utils.UserError(f"cannot write {e.filename} ({e.strerror}); free space or choose another path",
+                              utils.EXIT_WRITE)
     if args.json:
         print(json.dumps({"checkpoint": str(path), "dataset": dataset, "weights": weights, "n": args.n,
                           "step": ckpt["step"], "classifier_accuracy": evaluator.accuracy, "seconds": round(seconds, 1),

@@ -20,6 +20,14 @@ from pathlib import Path
 class PlotError(Exception):
     pass
 
+
+class ArgumentParser(argparse.ArgumentParser):
+    """A bad command line is one line too (as utils.ArgumentParser)."""
+
+    def error(self, message):
+        raise PlotError(f"{message} (see --help)")
+
+
 CURVES = {"wgan": ["wasserstein_estimate", "loss/G"], "vanilla_gan": ["loss/D", "loss/G", "D(x)", "D(G(z))"]}
 QUALITY_LOSS = {"wgan": "wasserstein_estimate", "vanilla_gan": "loss/D"}  # the loss set against eval/fid
 
@@ -48,12 +56,19 @@ def spearman(pairs):
     return float(spearmanr(xs, ys).statistic)
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     allow_abbrev=False)
+def make_parser():
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                            allow_abbrev=False)
     parser.add_argument("run", type=Path, help="a run folder (runs/<run>)")
     parser.add_argument("--out", type=Path, default=None, help="the PNG to write (default: <run>/curves.png)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None):
+    args = make_parser().parse_args(argv)
+    out = args.out or args.run / "curves.png"
+    if out.is_dir() or (out.parent.exists() and not out.parent.is_dir()) or not str(args.out or "x").strip():
+        raise PlotError(f"--out {args.out or out}: not a file path; give the PNG to write, e.g. curves.png")
     scalars = read_scalars(args.run)
     algo = "wgan" if "epoch_mean/wasserstein_estimate" in scalars else "vanilla_gan"
     curves = {name: scalars.get("epoch_mean/" + name, []) for name in CURVES[algo]}
@@ -89,10 +104,10 @@ def main(argv=None):
     bottom.legend(loc="best", fontsize="small")
     for ax in (top, bottom):
         ax.grid(alpha=0.3)
-    out = args.out or args.run / "curves.png"
     fig.tight_layout()
     tmp = out.with_name(out.name + ".tmp")
     try:  # a temporary file renamed over the old one: a half-written PNG never replaces a good one
+        out.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(tmp, format="png")
         os.replace(tmp, out)
     except OSError as e:
@@ -110,9 +125,13 @@ def main(argv=None):
     print(f"Spearman rho({loss}, eval/fid) = {rho_text} over {len(pairs)} epochs")
 
 
-if __name__ == "__main__":
+def run_main(argv=None):
     try:
-        main()
+        main(argv)
     except PlotError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+
+
+if __name__ == "__main__":
+    run_main()

@@ -28,18 +28,18 @@ LEGACY = {"preset": None, "leaky_slope": 0.1, "d_dropout": 0.0}
 def make_parser():
     parser = utils.make_parser(__doc__, PRESETS, dataset="mnist", epochs=50, batch_size=32, lr=3e-4, z_dim=64,
                                img_size=28, log_every=100)
-    parser.add_argument("--beta1", type=float, default=0.5, help="Adam beta1 (0.5 as in DCGAN; the source: 0.9)")
-    parser.add_argument("--beta2", type=float, default=0.999, help="Adam beta2")
-    parser.add_argument("--g-hidden", type=utils.positive_int, nargs="+", default=[512, 1024],
+    parser.add_argument("--beta1", type=utils.fraction, default=0.5, help="Adam beta1 (0.5 as in DCGAN; the source: 0.9)")
+    parser.add_argument("--beta2", type=utils.fraction, default=0.999, help="Adam beta2")
+    parser.add_argument("--g-hidden", type=utils.width, nargs="+", default=[512, 1024],
                         help="generator hidden widths")
-    parser.add_argument("--d-hidden", type=utils.positive_int, nargs="+", default=[1024],
+    parser.add_argument("--d-hidden", type=utils.width, nargs="+", default=[1024],
                         help="discriminator hidden widths")
     parser.add_argument("--leaky-slope", type=utils.fraction, default=0.1, help="negative slope of every LeakyReLU")
     parser.add_argument("--d-dropout", type=utils.fraction, default=0.3,
                         help="dropout after each hidden layer of D (0 = none)")
     parser.add_argument("--ema-decay", type=utils.fraction, default=0.999,
                         help="decay of the generator's weight average used for samples and evaluations (0 = off)")
-    parser.add_argument("--n-samples", type=utils.positive_int, default=32, help="size of the fixed noise batch")
+    parser.add_argument("--n-samples", type=utils.N_SAMPLES, default=32, help="size of the fixed noise batch")
     return parser
 
 
@@ -79,13 +79,18 @@ def train_step(G, D, opt_G, opt_D, real, z):
     return loss_D.detach(), loss_G.detach(), d_out[:batch].mean().detach(), d_out[batch:].mean().detach()
 
 
+def make_networks(args, img_shape):
+    """G and D of this run, from its flags."""
+    img_dim = img_shape[0] * img_shape[1] * img_shape[2]
+    return (Generator(args.z_dim, img_dim, args.g_hidden, args.leaky_slope),
+            Discriminator(img_dim, args.d_hidden, args.leaky_slope, args.d_dropout))
+
+
 def main(argv=None):
     # Setup (plumbing shared with train_wgan.py, in utils.py): flags, device, seed, the dataset on the device.
     args, ckpt, device = utils.setup(make_parser(), argv, PRESETS, ALGO, LEGACY)
     images = utils.load_train_images(args.dataset, args.data_root, args.img_size, device)
-    img_dim = images[0].numel()
-    G = Generator(args.z_dim, img_dim, args.g_hidden, args.leaky_slope).to(device)
-    D = Discriminator(img_dim, args.d_hidden, args.leaky_slope, args.d_dropout).to(device)
+    G, D = utils.build_networks(make_networks, args, images, device)  # refused up front if they cannot fit
     fast = utils.optimizer_kwargs(device)
     opt_G = torch.optim.Adam(G.parameters(), lr=args.lr, betas=(args.beta1, args.beta2), **fast)
     opt_D = torch.optim.Adam(D.parameters(), lr=args.lr, betas=(args.beta1, args.beta2), **fast)

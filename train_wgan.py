@@ -28,17 +28,18 @@ LEGACY = {"preset": None}  # flags that checkpoints written before they existed 
 
 def make_parser():
     parser = utils.make_parser(__doc__, PRESETS, dataset="fashion-mnist", epochs=50, batch_size=64, lr=1e-4, z_dim=100,
-                               img_size=28, log_every=100)
+                               img_size=28, log_every=100,
+                               min_batch=(2, "BatchNorm needs 2 or more images per batch"))
     parser.add_argument("--clip-value", type=utils.positive_float, default=0.01,
                         help="critic weights clipped to [-c, c]")
     parser.add_argument("--n-critic", type=utils.positive_int, default=1, help="critic steps per generator step")
-    parser.add_argument("--g-widths", type=utils.positive_int, nargs="+", default=[128, 256, 512, 1024],
+    parser.add_argument("--g-widths", type=utils.width, nargs="+", default=[128, 256, 512, 1024],
                         help="generator block widths (BatchNorm1d in all but the first)")
-    parser.add_argument("--critic-widths", type=utils.positive_int, nargs="+", default=[512, 256],
+    parser.add_argument("--critic-widths", type=utils.width, nargs="+", default=[512, 256],
                         help="critic hidden widths")
     parser.add_argument("--ema-decay", type=utils.fraction, default=0.998,
                         help="decay of the generator's weight average used for samples and evaluations (0 = off)")
-    parser.add_argument("--n-samples", type=utils.positive_int, default=64, help="size of the fixed noise batch")
+    parser.add_argument("--n-samples", type=utils.N_SAMPLES, default=64, help="size of the fixed noise batch")
     return parser
 
 
@@ -74,12 +75,16 @@ def generator_step(G, C, opt_G, z):
     return loss_G.detach()
 
 
+def make_networks(args, img_shape):
+    """G and the critic of this run, from its flags."""
+    return WGANGenerator(args.z_dim, img_shape, args.g_widths), Critic(img_shape, args.critic_widths)
+
+
 def main(argv=None):
     # Setup (plumbing shared with train_vanilla_gan.py, in utils.py): flags, device, seed, the dataset on the device.
     args, ckpt, device = utils.setup(make_parser(), argv, PRESETS, ALGO, LEGACY)
     images = utils.load_train_images(args.dataset, args.data_root, args.img_size, device)
-    G = WGANGenerator(args.z_dim, images.shape[1:], args.g_widths).to(device)
-    C = Critic(images.shape[1:], args.critic_widths).to(device)
+    G, C = utils.build_networks(make_networks, args, images, device)  # refused up front if they cannot fit
     opt_G = torch.optim.RMSprop(G.parameters(), lr=args.lr, **utils.optimizer_kwargs(device, fused=False))
     opt_C = torch.optim.RMSprop(C.parameters(), lr=args.lr, **utils.optimizer_kwargs(device, fused=False))
     # The run folder (a --resume restores all of these from its checkpoint), TensorBoard, the weight average of G.

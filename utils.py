@@ -9,6 +9,7 @@
     Logging                   TensorBoard scalars, sample grids, progress.gif
 """
 import argparse
+import contextlib
 import datetime
 import gzip
 import json
@@ -29,7 +30,7 @@ from tqdm import tqdm
 # ----------------------------------------------------------------------------------------------------------------------
 # Errors and exit codes
 
-EXIT_DATA = 1  # data missing or unreadable
+EXIT_DATA = 1  # data missing or unreadable, not enough memory, a failed final evaluation
 EXIT_USAGE = 2  # bad flags or run folder (argparse uses 2 as well)
 EXIT_DIVERGED = 3  # NaN or infinite loss or weight
 EXIT_WRITE = 4  # a checkpoint, event file or sample grid could not be written (disk full, read-only, ...)
@@ -50,8 +51,12 @@ class DataError(UserError):
 
 class Diverged(UserError):
     def __init__(self, step, what):
-        super().__init__(f"training diverged at step {step}: {what}; the last good checkpoint is kept:"
-                         " lower --lr and start again or resume it", EXIT_DIVERGED)
+        super().__init__(f"training diverged at step {step}: {what}", EXIT_DIVERGED)
+
+    def advice(self, kept_step):
+        if kept_step is None:
+            return f"{self}; it diverged before its first checkpoint: lower --lr and start again"
+        return f"{self}; the last good checkpoint (step {kept_step}) is kept: lower --lr and start again or resume it"
 
 
 class WriteError(UserError):
@@ -78,6 +83,9 @@ def run_main(main, argv=None):
     threading.excepthook = _thread_excepthook
     try:
         main(argv)
+    except Diverged as e:
+        print(f"error: {e.advice(_kept_checkpoint_step())}", file=sys.stderr)
+        sys.exit(e.code)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(e.code)
@@ -86,6 +94,14 @@ def run_main(main, argv=None):
             raise
         print(f"error: {WriteError(e, _held_locks[-1][1])}", file=sys.stderr)
         sys.exit(EXIT_WRITE)
+    except (MemoryError, RuntimeError) as e:
+        if not is_out_of_memory(e):
+            raise
+        step = _kept_checkpoint_step()
+        kept = f"; the last good checkpoint (step {step}) is kept" if step is not None else ""
+        print(f"error: out of memory ({_reason(e)}){kept}: lower --batch-size, the widths, --img-size or --eval-n,"
+              " or free memory", file=sys.stderr)
+        sys.exit(EXIT_DATA)
     except Interrupted as e:
         print(f"interrupted by {e}: checkpoint saved, resume with --resume", file=sys.stderr)
         sys.exit(e.code)
@@ -94,6 +110,22 @@ def run_main(main, argv=None):
         sys.exit(130)
     finally:
         release_run_dirs()
+
+
+def _kept_checkpoint_step():
+    """The step of the checkpoint in the run folder this process holds, or None (no folder, or no checkpoint yet)."""
+    return last_checkpoint_step(_held_locks[-1][1] / CHECKPOINT) if _held_locks else None
+
+
+def is_out_of_memory(error):
+    return isinstance(error, (MemoryError, torch.OutOfMemoryError)) or any(
+        text in str(error) for text in ("not enough memory", "can't allocate memory", "out of memory"))
+
+
+def _reason(error):
+    """An exception as a short phrase for a one-line message."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return f"{type(error).__name__}: {text[:200]}" if text else type(error).__name__
 
 
 def _thread_excepthook(hook_args):
@@ -123,12 +155,25 @@ def _number(text, convert, valid, requirement):
     return value
 
 
-def positive_int(text):
-    return _number(text, int, lambda v: v > 0, "a positive integer")
+def int_range(low, high=None, why=""):
+    """An argparse type for integers in [low, high] (high None: no bound); `why` ends the message."""
+    requirement = f"an integer from {low:,} to {high:,}" if high is not None else f"an integer of at least {low:,}"
+    requirement += f" ({why})" if why else ""
+
+    def parse(text):
+        return _number(text, int, lambda v: low <= v and (high is None or v <= high), requirement)
+
+    parse.__name__ = "int_range"
+    return parse
 
 
-def non_negative_int(text):
-    return _number(text, int, lambda v: v >= 0, "0 or more")
+positive_int = int_range(1)
+non_negative_int = int_range(0)
+MAX_WIDTH = 1_000_000
+width = int_range(1, MAX_WIDTH, "a layer or noise vector that wide does not fit in memory")
+seed = int_range(-2**63, 2**64 - 1, "the range torch's seeds take")
+N_SAMPLES = int_range(1, 1024, "the fixed-noise grid is for looking at")
+EVAL_N = int_range(4, 100_000, "precision/recall use each sample's 3rd-nearest neighbour and compare all pairs")
 
 
 def positive_float(text):
@@ -136,37 +181,75 @@ def positive_float(text):
 
 
 def fraction(text):
-    """A number in [0, 1): a decay, a dropout rate, a LeakyReLU slope."""
+    """A number in [0, 1): a decay, a dropout rate, a LeakyReLU slope, an Adam beta."""
     return _number(text, float, lambda v: 0 <= v < 1, "at least 0 and below 1")
 
 
-def make_parser(description, presets, *, dataset, epochs, batch_size, lr, z_dim, img_size, log_every):
+def nonempty(text):
+    """A path flag: an empty value would silently mean the current folder."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text
+
+
+def new_file(text):
+    """An output file flag: refused at once if the file exists (never overwritten) or cannot be created there."""
+    path = Path(nonempty(text)).absolute()
+    if path.exists():
+        raise argparse.ArgumentTypeError(f"{text} already exists; choose another path or remove it first")
+    folder = path.parent
+    while not folder.exists():  # missing folders are created on writing
+        folder = folder.parent
+    if not folder.is_dir() or not os.access(folder, os.W_OK):
+        raise argparse.ArgumentTypeError(f"cannot create {text}: {folder} is not a writable folder")
+    return text
+
+
+def folder_name(text):
+    """--run-name: one folder name under --runs-dir."""
+    if not text.strip() or text in (".", "..") or "/" in text or os.sep in text or "\0" in text:
+        raise argparse.ArgumentTypeError(f"must be a plain folder name (no '/', not '.' or '..'), got {text!r}")
+    return text
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a bad command line is one line (`error: argument --epochs: must be ...`), exit 2, no usage block
+    (run_main prints it); abbreviations of flags are refused."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, allow_abbrev=False, **kwargs)
+
+    def error(self, message):
+        raise UserError(f"{message} (see --help)")
+
+
+def make_parser(description, presets, *, dataset, epochs, batch_size, lr, z_dim, img_size, log_every,
+                min_batch=(1, "")):
     """A training script's parser holding --preset and the flags both scripts share, with the script's own defaults;
-    the script adds its algorithm's flags."""
-    parser = argparse.ArgumentParser(description=description, allow_abbrev=False,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    the script adds its algorithm's flags. min_batch: (the smallest batch the networks can train on, why)."""
+    parser = ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add = parser.add_argument
     add("--preset", choices=sorted(presets), default="default",
         help="a set of defaults (flags typed explicitly override it): " + preset_help(presets))
     add("--dataset", choices=sorted(DATASETS), default=dataset, help="training data")
-    add("--data-root", default="data", help="folder holding <MNIST|FashionMNIST>/raw/ (downloaded there if missing)")
+    add("--data-root", type=nonempty, default="data", help="folder holding <MNIST|FashionMNIST>/raw/ (downloaded there if missing)")
     add("--epochs", type=positive_int, default=epochs, help="passes over the training split")
-    add("--batch-size", type=positive_int, default=batch_size, help="images per step")
+    add("--batch-size", type=int_range(min_batch[0], why=min_batch[1]), default=batch_size, help="images per step")
     add("--lr", type=positive_float, default=lr, help="learning rate of both networks")
-    add("--z-dim", type=positive_int, default=z_dim, help="size of the generator's noise input")
-    add("--img-size", type=positive_int, default=img_size, help="train on images resized to this side (28 = native)")
-    add("--seed", type=int, default=1, help="seeds every random number (data order, noise, weights)")
+    add("--z-dim", type=width, default=z_dim, help="size of the generator's noise input")
+    add("--img-size", type=int_range(1, 10_000), default=img_size, help="train on images resized to this side (28 = native)")
+    add("--seed", type=seed, default=1, help="seeds every random number (data order, noise, weights)")
     add("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto", help="auto = cuda, else mps, else cpu")
-    add("--runs-dir", default="runs", help="TensorBoard and checkpoint root")
-    add("--run-name", default=None, help="folder under --runs-dir (default {algo}-{dataset}-{YYYYmmdd-HHMMSS})")
-    add("--resume", default=None, metavar="PATH", help="continue the run in this folder (or this checkpoint.pt)")
+    add("--runs-dir", type=nonempty, default="runs", help="TensorBoard and checkpoint root")
+    add("--run-name", type=folder_name, default=None, help="folder under --runs-dir (default {algo}-{dataset}-{YYYYmmdd-HHMMSS})")
+    add("--resume", type=nonempty, default=None, metavar="PATH", help="continue the run in this folder (or this checkpoint.pt)")
     add("--log-every", type=positive_int, default=log_every, help="steps between scalar logs and NaN checks")
     add("--checkpoint-every", type=non_negative_int, default=500,
         help="steps between checkpoints (0 = only at epoch ends); also written on SIGINT/SIGTERM")
     add("--max-steps", type=positive_int, default=None, help="stop after this many steps in all (for smoke runs)")
     add("--eval-every", type=non_negative_int, default=0,
         help="epochs between quality evaluations (FID, precision, recall, class KL; see evaluate.py); 0 = at the end")
-    add("--eval-n", type=positive_int, default=10000, help="generated images per evaluation")
+    add("--eval-n", type=EVAL_N, default=10000, help="generated images per evaluation")
     add("--no-eval", dest="eval", action="store_false", help="skip the quality evaluations (and metrics.json)")
     add("--no-progress", dest="progress", action="store_false", help="no tqdm bar (one line per epoch only)")
     return parser
@@ -221,6 +304,50 @@ def select_device(name):
 def optimizer_kwargs(device, fused=True):
     """Fused (Adam) or foreach (RMSprop) kernels: one launch for all parameters instead of one per tensor."""
     return {"fused": True} if fused and device.type in ("cpu", "cuda") else {"foreach": True}
+
+
+def available_memory(device):
+    """Bytes free for new tensors on the device: CUDA's own count, else the system's MemAvailable (None if unknown)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_memory(need, device, what, fix):
+    """Refuse up front, in one line with the estimate, what would not fit in 90% of the free memory (an allocation
+    that fails later anyway is turned into one line by run_main)."""
+    free = available_memory(device)
+    if free is not None and need > 0.9 * free:
+        raise UserError(f"{what} need about {need / 2**30:,.1f} GiB but {device.type} has {free / 2**30:,.1f} GiB"
+                        f" free; {fix}", EXIT_DATA)
+
+
+def build_networks(make, args, images, device):
+    """make(args, img_shape) -> the networks, G first. Built on the meta device first (no memory, no random numbers)
+    to estimate what training them needs, refused in one line if it cannot fit; then built for real (initialized on
+    the CPU, as always) and moved to the device."""
+    check_batch_size(args.batch_size, len(images))
+    with torch.device("meta"):
+        networks = make(args, tuple(images.shape[1:]))
+    params = [sum(p.numel() for p in net.parameters()) for net in networks]
+    units = sum(m.out_features for net in networks for m in net.modules() if isinstance(m, torch.nn.Linear))
+    # weights, gradients, two optimizer states, the weight average of G; activations of a real and a fake batch
+    need = 4 * (4 * sum(params) + (params[0] if args.ema_decay else 0) + 2 * 3 * args.batch_size * units)
+    fix = "use smaller widths, --z-dim, --img-size or --batch-size"
+    check_memory(need, device, f"the networks ({sum(params):,} parameters) and a step of batch {args.batch_size}", fix)
+    if device.type != "cpu":
+        check_memory(4 * sum(params), torch.device("cpu"), "the networks' initialization on the CPU", fix)
+    return [net.to(device) for net in make(args, tuple(images.shape[1:]))]
 
 
 def seed_everything(seed):
@@ -298,9 +425,14 @@ def _download(dataset, root, split):
     import torchvision
 
     cls = getattr(torchvision.datasets, DATASETS[dataset])
+    raw = Path(root) / DATASETS[dataset] / "raw"
+    made = [folder for folder in (raw, raw.parent, Path(root)) if not folder.exists()]
     try:
         cls(root, train=split == "train", download=True)
     except Exception as e:  # URLError, RuntimeError on checksum mismatch, ...
+        for folder in made:  # a failed download leaves no empty folders behind
+            with contextlib.suppress(OSError):
+                folder.rmdir()
         return f"{type(e).__name__}: {e}".splitlines()[0]
     return None
 
@@ -336,6 +468,13 @@ def resize_images(images, size):
 def load_train_images(dataset, root, img_size, device):
     """The whole training split as one uint8 tensor N x 1 x S x S, resident on the device; batches are index slices."""
     images, _ = load_split(dataset, root, "train")
+    n, side = len(images), images.shape[-1]
+    resized = n * img_size**2  # bytes, uint8
+    resizing = 4 * (n * side**2 + resized) if img_size != side else 0  # the float copies F.interpolate works on
+    what = f"the {n:,} training images at --img-size {img_size}"
+    check_memory(resized + resizing, torch.device("cpu"), what, "use a smaller --img-size")
+    if device.type != "cpu":
+        check_memory(resized, device, what, "use a smaller --img-size or --device cpu")
     return resize_images(images, img_size)[:, None].to(device)
 
 
@@ -344,13 +483,17 @@ def to_model_range(batch_uint8):
     return batch_uint8.float().div_(127.5).sub_(1.0)
 
 
+def check_batch_size(batch_size, num_images):
+    if batch_size > num_images:
+        raise UserError(f"--batch-size {batch_size} is larger than the dataset ({num_images} images);"
+                        " use a smaller --batch-size")
+
+
 class EpochOrder:
     """A seeded permutation per epoch and the position in it: everything needed to resume mid-epoch exactly."""
 
     def __init__(self, num_images, batch_size, seed):
-        if batch_size > num_images:
-            raise UserError(f"--batch-size {batch_size} is larger than the dataset ({num_images} images);"
-                            " use a smaller --batch-size")
+        check_batch_size(batch_size, num_images)
         self.num_images, self.batch_size = num_images, batch_size
         self.steps_per_epoch = num_images // batch_size  # the last partial batch is dropped: all steps see full ones
         self.generator = torch.Generator().manual_seed(seed)
@@ -391,8 +534,20 @@ def setup(parser, argv, presets, algo, legacy):
     apply_preset(args, parser, argv, presets)
     ckpt = resume_config(args, parser, argv, algo, legacy) if args.resume else None
     device = select_device(args.device)
+    if args.eval:  # found missing only after hours of training, it would cost the run its evaluation
+        check_evaluation(args)
     seed_everything(args.seed)
     return args, ckpt, device
+
+
+def check_evaluation(args):
+    """The evaluations need the test split and memory for --eval-n samples' features and neighbour distances."""
+    try:
+        load_split(args.dataset, args.data_root, "test")
+    except DataError as e:
+        raise DataError(f"{e}; or pass --no-eval to train without the quality evaluation")
+    need = args.eval_n * (args.img_size**2 * 4 + 784 + 2 * 128 * 8) + 2 * 2048 * max(args.eval_n, 10_000) * 8
+    check_memory(need, torch.device("cpu"), f"evaluations of --eval-n {args.eval_n} samples", "lower --eval-n")
 
 
 class Run:
@@ -485,8 +640,13 @@ class Run:
             self.sample_grid(self.order.epoch + 1 if epoch_done else None)
         if epoch_done:
             self.order.next_epoch()
-            self.evaluation.after_epoch(self.G_sample, self.writer, self.step, self.order.epoch)
-        self.save_checkpoint()
+        self.save_checkpoint()  # before the evaluation: whatever happens there, the epoch is kept
+        if epoch_done:
+            try:
+                self.evaluation.after_epoch(self.G_sample, self.writer, self.step, self.order.epoch)
+            except Exception as e:  # training goes on; evaluate.py can score any checkpoint later
+                print(f"warning: the evaluation at step {self.step} failed ({_reason(e)}); training goes on",
+                      file=sys.stderr)
 
     def sample_grid(self, epoch):
         """The fixed noise's samples, to TensorBoard and samples/ (see log_samples)."""
@@ -506,7 +666,12 @@ class Run:
         if self.signals.signum:
             close_writer(self.writer)
             raise Interrupted(self.signals.signum)
-        self.evaluation.final(self.G_sample, self.writer, self.step, self.run_dir)
+        try:
+            self.evaluation.final(self.G_sample, self.writer, self.step, self.run_dir)
+        except Exception as e:  # the checkpoint and grids are on disk already
+            close_writer(self.writer)
+            raise UserError(f"the final evaluation failed ({_reason(e)}); the run is complete and saved in"
+                            f" {self.run_dir}: evaluate it with python evaluate.py {self.run_dir}", EXIT_DATA)
         close_writer(self.writer)
         print(f"done: {self.run_dir} (step {self.step})")
 
@@ -593,7 +758,10 @@ def make_run_dir(args, algo):
     this process: a second process on the same folder is refused while this one lives."""
     if args.resume:
         run_dir = Path(args.runs_dir) / args.run_name
-        lock_run_dir(run_dir)
+        try:
+            lock_run_dir(run_dir)
+        except OSError as e:
+            raise UserError(f"cannot write in run folder {run_dir} ({e.strerror}); make it writable, then --resume")
         return run_dir
     name = args.run_name or default_run_name(algo, args.dataset)
     run_dir = Path(args.runs_dir) / name

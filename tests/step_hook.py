@@ -11,6 +11,8 @@ GAN, critic_step calls for the WGAN). ACTION is what happens at step AT:
     full-disk-checkpoint       from this step on, every checkpoint write fails with ENOSPC after a few bytes
     full-disk-png              from this step on, every sample grid write fails with ENOSPC
     full-disk-events           from this step on, every TensorBoard event write fails with ENOSPC
+    out-of-memory              the step raises the CPU allocator's out-of-memory error
+    broken-evaluation          from this step on, every quality evaluation raises RuntimeError
 """
 import errno
 import importlib
@@ -35,6 +37,15 @@ def partial_then_full_disk(obj, f, *args, **kwargs):
     full_disk()
 
 
+def out_of_memory(*args, **kwargs):
+    raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you"
+                       " tried to allocate 68719476736 bytes. Error code 12 (Cannot allocate memory)")
+
+
+def broken(*args, **kwargs):
+    raise RuntimeError("the evaluation broke")
+
+
 def fault(action):
     if action in ("SIGKILL", "SIGINT", "SIGTERM"):
         os.kill(os.getpid(), getattr(signal, action))
@@ -51,6 +62,12 @@ def fault(action):
         from tensorboard.summary.writer.record_writer import RecordWriter
 
         RecordWriter.write = full_disk
+    elif action == "out-of-memory":
+        out_of_memory()
+    elif action == "broken-evaluation":
+        import evaluate
+
+        evaluate.Evaluator.generator = broken
     else:
         raise SystemExit(f"step_hook: unknown action {action}")
 
