@@ -218,8 +218,10 @@ def to_uint8_28(images):
 
 
 @torch.no_grad()
-def sample(G, z_dim, n, device, seed=0, batch=1000):
-    """n images from G in eval mode with a fixed seed, as uint8 N x 28 x 28 on the CPU; G's mode is restored."""
+def sample(G, z_dim, n, device, seed=0, batch=1000, img_size=28):
+    """n images from G in eval mode with a fixed seed, as uint8 N x 28 x 28 on the CPU; G's mode is restored. Drawn
+    `batch` at a time, fewer when G's images (img_size) are so large that a batch would pass 256 MiB."""
+    batch = min(batch, max(1, 2**28 // (4 * img_size**2)))
     gen = torch.Generator(device=device).manual_seed(seed)
     out = [to_uint8_28(utils.generate(G, torch.randn(min(batch, n - i), z_dim, device=device, generator=gen))).cpu()
            for i in range(0, n, batch)]
@@ -250,8 +252,8 @@ class Evaluator:
     def images(self, images_uint8):
         return metrics(*predict(self.model, images_uint8, self.device), self.test_feats)
 
-    def generator(self, G, z_dim, n, seed=0):
-        return self.images(sample(G, z_dim, n, self.device, seed))
+    def generator(self, G, z_dim, n, seed=0, img_size=28):
+        return self.images(sample(G, z_dim, n, self.device, seed, img_size=img_size))
 
     def real_floor(self, n=10000):
         train, _ = utils.load_split(self.dataset, self.data_root, "train")
@@ -270,7 +272,7 @@ class TrainingEval:
         a = self.args
         if self.evaluator is None:
             self.evaluator = Evaluator(a.dataset, a.data_root, self.device, progress=a.progress)
-        result = self.evaluator.generator(G, a.z_dim, a.eval_n)
+        result = self.evaluator.generator(G, a.z_dim, a.eval_n, img_size=a.img_size)
         for name in self.LOGGED:
             writer.add_scalar(f"eval/{name}", result[name], step)
         print(f"eval at step {step} ({a.eval_n} samples): " + "  ".join(f"{n} {result[n]:.4g}" for n in self.LOGGED),
@@ -348,7 +350,7 @@ def main(argv=None):
     started = time.time()
     evaluator = Evaluator(dataset, data_root, device, progress=not args.json)
     G, z_dim, weights = generator_from_checkpoint(ckpt, device, args.raw)
-    images = sample(G, z_dim, args.n, device, args.seed)
+    images = sample(G, z_dim, args.n, device, args.seed, img_size=ckpt["args"]["img_size"])
     rows = {f"step {ckpt['step']}": evaluator.images(images)}
     seconds = time.time() - started
     if args.floor:

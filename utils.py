@@ -546,7 +546,9 @@ def check_evaluation(args):
         load_split(args.dataset, args.data_root, "test")
     except DataError as e:
         raise DataError(f"{e}; or pass --no-eval to train without the quality evaluation")
-    need = args.eval_n * (args.img_size**2 * 4 + 784 + 2 * 128 * 8) + 2 * 2048 * max(args.eval_n, 10_000) * 8
+    # per sample: its 28 x 28 image and two feature copies; a batch of samples (at most 256 MiB, evaluate.sample);
+    # the neighbour distances, computed in chunks of 2048 rows
+    need = args.eval_n * (784 + 2 * 128 * 8) + 2**28 + 2 * 2048 * max(args.eval_n, 10_000) * 8
     check_memory(need, torch.device("cpu"), f"evaluations of --eval-n {args.eval_n} samples", "lower --eval-n")
 
 

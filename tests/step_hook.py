@@ -67,7 +67,7 @@ def fault(action):
     elif action == "broken-evaluation":
         import evaluate
 
-        evaluate.Evaluator.generator = broken
+        evaluate.Evaluator.__init__ = broken
     else:
         raise SystemExit(f"step_hook: unknown action {action}")
 

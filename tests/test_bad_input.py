@@ -179,3 +179,21 @@ def test_resume_takes_the_checkpoints_configuration_and_runtime_flags(finished_r
     assert code == 0, err
     ckpt = torch.load(finished_run / "checkpoint.pt", weights_only=True)
     assert ckpt["step"] == 5 and ckpt["args"]["batch_size"] == 16 and ckpt["args"]["z_dim"] == 8
+
+
+def test_a_missing_test_split_is_refused_before_training_unless_no_eval(data_root, runs, capsys):
+    for name in ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):
+        (data_root / "MNIST" / "raw" / name).unlink()
+    code, err = cli(train_vanilla_gan, vanilla(data_root, runs, "--max-steps", 2), capsys)
+    lines = err.strip().splitlines()
+    assert code == 1 and len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith("error: mnist test data not found in ") and lines[0].endswith(
+        "or pass --no-eval to train without the quality evaluation")
+    assert not any(runs.iterdir())  # refused before anything was written (it used to fail after the whole run)
+    code, err = cli(train_vanilla_gan, vanilla(data_root, runs, "--max-steps", 2, "--no-eval"), capsys)
+    assert code == 0, err
+
+
+def test_argparse_errors_are_one_line_naming_the_flag(data_root, runs, capsys):
+    code, err = cli(train_wgan, ["--data-root", data_root, "--runs-dir", runs, "--n-critic"], capsys)
+    assert code == 2 and err == "error: argument --n-critic: expected one argument (see --help)\n"

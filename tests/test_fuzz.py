@@ -217,3 +217,34 @@ def test_every_command_line_works_or_is_refused_in_one_line(world, name, example
     outcomes = {}
     fuzz()
     print(name, "exit codes:", outcomes)  # the share that ran (exit 0) against the refused ones
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Command lines that ended in a traceback (or a half-made run folder) before, each kept as a plain test. The first was
+# found by the fuzz test; the others by trying each flag's edges while writing it (each failed on commit 7236673).
+
+FOUND = [
+    ("train_vanilla_gan", ["--beta1", "1"], 2, "argument --beta1: must be at least 0 and below 1"),  # Adam's ValueError
+    ("train_wgan", ["--batch-size", "1"], 2, "BatchNorm needs 2 or more images per batch"),  # BatchNorm's ValueError
+    ("train_vanilla_gan", ["--eval-n", "2"], 2, "3rd-nearest neighbour"),  # kthvalue() after the whole run
+    ("train_vanilla_gan", ["--seed", "99999999999999999999999"], 2, "the range torch's seeds take"),  # overflow
+    ("train_vanilla_gan", ["--run-name", "x/y"], 2, "must be a plain folder name"),
+    ("train_vanilla_gan", ["--runs-dir", ""], 2, "argument --runs-dir: must not be empty"),  # ran in the cwd
+    ("train_vanilla_gan", ["--g-hidden", "1000000", "1000000"], 1, "parameters) and a step of batch 16 need about"),
+    ("train_vanilla_gan", ["--img-size", "10000"], 1, "the 128 training images at --img-size 10000 need about"),
+    ("train_vanilla_gan", ["--epochs", "0"], 2, "argument --epochs: must be an integer of at least 1, got '0'"),
+    ("train_vanilla_gan", ["--lr", "1"], 3, "it diverged before its first checkpoint"),  # said a checkpoint was kept
+    ("train_vanilla_gan", ["--data-root", "missing"], 1, "download failed"),  # the failed download left empty folders
+    ("evaluate", ["--grid", "a-file/x.png"], 2, "a-file is not a writable folder"),  # FileExistsError after the work
+    ("evaluate", ["--n", "2"], 2, "argument --n: must be an integer from 4 to 100,000"),  # kthvalue()
+    ("plot", ["--out", ""], 2, "--out .: not a file path"),  # PosixPath('.') has an empty name
+    ("bench", ["--steps", "0"], 2, "argument --steps: must be an integer from 1 to 100,000, got '0'"),
+]
+
+
+@pytest.mark.parametrize("name,extra,code,text", FOUND, ids=[f"{n} {' '.join(e)}" for n, e, _, _ in FOUND])
+def test_command_lines_that_failed_before_are_refused_in_one_line(world, monkeypatch, name, extra, code, text):
+    monkeypatch.setattr(utils, "available_memory", lambda device: 8 * 2**30)  # the same answer on every machine
+    extra = [str(world["root"] / e) if e in ("missing", "a-file/x.png") else e for e in extra]
+    got, err = check(name, baseline(name, world) + extra, world)
+    assert got == code and text in err, err

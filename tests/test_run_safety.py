@@ -119,6 +119,42 @@ def test_a_full_disk_while_writing_grids_or_events_is_one_line_and_exit_4(tmp_pa
     assert load(run)["step"] == kept
 
 
+def test_a_failed_final_evaluation_is_one_line_and_the_finished_run_is_kept(tmp_path, data_root):
+    run = tmp_path / "r"
+    common = ["--data-root", data_root, "--runs-dir", tmp_path, "--run-name", "r", "--epochs", "2", *SMALL_VANILLA]
+    out = run_hooked("train_vanilla_gan", 1, "broken-evaluation", *common)
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 1 and len(lines) == 1 and "Traceback" not in out.stderr, out.stderr
+    assert lines[0] == (f"error: the final evaluation failed (RuntimeError: the evaluation broke); the run is complete"
+                        f" and saved in {run}: evaluate it with python evaluate.py {run}")
+    assert load(run)["step"] == 16 and (run / "samples" / "epoch_002.png").is_file()
+    redo = run_script("evaluate.py", run, "--n", "64", "--no-floor", "--json")
+    assert redo.returncode == 0 and '"step": 16' in redo.stdout, redo.stderr
+
+
+def test_a_failed_evaluation_during_training_is_a_warning_and_training_goes_on(tmp_path, data_root):
+    out = run_hooked("train_vanilla_gan", 1, "broken-evaluation", "--data-root", data_root, "--runs-dir", tmp_path,
+                     "--run-name", "r", "--epochs", "2", "--eval-every", "1", *SMALL_VANILLA)
+    lines = out.stderr.strip().splitlines()
+    assert lines[0] == "warning: the evaluation at step 8 failed (RuntimeError: the evaluation broke); training goes on"
+    assert lines[1].startswith("error: the final evaluation failed") and len(lines) == 2, out.stderr
+    assert load(tmp_path / "r")["step"] == 16  # the second epoch trained
+
+
+def test_out_of_memory_in_a_step_is_one_line_exit_1_and_the_run_resumes(tmp_path, data_root):
+    run = tmp_path / "r"
+    out = run_hooked("train_vanilla_gan", 6, "out-of-memory", "--data-root", data_root, "--runs-dir", tmp_path,
+                     "--run-name", "r", "--checkpoint-every", "4", "--no-eval", *SMALL_VANILLA)
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 1 and len(lines) == 1 and "Traceback" not in out.stderr, out.stderr
+    assert lines[0].startswith("error: out of memory (RuntimeError: [enforce fail at alloc_cpu.cpp:127]")
+    assert lines[0].endswith("; the last good checkpoint (step 4) is kept: lower --batch-size, the widths,"
+                             " --img-size or --eval-n, or free memory")
+    assert load(run)["step"] == 4
+    resumed = run_script("train_vanilla_gan.py", "--resume", run, "--max-steps", "8")
+    assert resumed.returncode == 0 and load(run)["step"] == 8, resumed.stderr
+
+
 @pytest.mark.parametrize("algo", ["vanilla", "wgan"])
 def test_soak_fifteen_sigkills_end_bit_identical_to_an_uninterrupted_run(tmp_path, data_root, algo):
     """15 SIGKILLs at steps drawn at random, a new process resumed after each; the run ends with every parameter,
