@@ -110,6 +110,7 @@ def main(argv=None):
         out.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(tmp, format="png")
         os.replace(tmp, out)
+        plt.close(fig)
     except OSError as e:
         tmp.unlink(missing_ok=True)
         raise PlotError(f"cannot write {out} ({e.strerror}); choose another --out")

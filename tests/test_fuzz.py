@@ -9,7 +9,8 @@ folder for paths; and a flag whose value is missing. Each command line runs in t
   - exit 1, 2, 3 or 4 with exactly one line on stderr, no traceback, and no file or folder created or changed (exit 3,
     a divergence, keeps the run folder it made: its events show the divergence, its checkpoint is the last good one).
 Hypothesis runs derandomized, with a fixed number of examples, so the test is the same on every run. Command lines it
-found failing are kept as plain regression tests at the bottom.
+found failing are kept as plain regression tests at the bottom. To search further: FUZZ_RANDOM=1 draws other command
+lines on each run, FUZZ_TIMES=6 draws six times as many, FUZZ_VERBOSE=1 prints each with its outcome.
 """
 import contextlib
 import hashlib
@@ -201,14 +202,14 @@ def check(name, argv, world):
     return code, err
 
 
-FUZZ = settings(max_examples=30, derandomize=True, deadline=None, database=None,
+FUZZ = settings(max_examples=30, derandomize=not os.environ.get("FUZZ_RANDOM"), deadline=None, database=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
 
 @pytest.mark.parametrize("name,examples", [("train_vanilla_gan", 80), ("train_wgan", 80), ("evaluate", 40),
                                            ("plot", 25), ("bench", 8)])
 def test_every_command_line_works_or_is_refused_in_one_line(world, name, examples):
-    @settings(FUZZ, max_examples=examples)
+    @settings(FUZZ, max_examples=examples * int(os.environ.get("FUZZ_TIMES", "1")))
     @given(st.data())
     def fuzz(data):
         code, err = check(name, data.draw(command_lines(name, world)), world)
