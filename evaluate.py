@@ -220,8 +220,8 @@ def to_uint8_28(images):
 @torch.no_grad()
 def sample(G, z_dim, n, device, seed=0, batch=1000, img_size=28):
     """n images from G in eval mode with a fixed seed, as uint8 N x 28 x 28 on the CPU; G's mode is restored. Drawn
-    `batch` at a time, fewer when G's images (img_size) are so large that a batch would pass 256 MiB."""
-    batch = min(batch, max(1, 2**28 // (4 * img_size**2)))
+    `batch` at a time, fewer when G's images (img_size) or noise (z_dim) are so large that a batch would pass 256 MiB."""
+    batch = min(batch, max(1, 2**28 // (4 * max(img_size**2, z_dim))))
     gen = torch.Generator(device=device).manual_seed(seed)
     out = [to_uint8_28(utils.generate(G, torch.randn(min(batch, n - i), z_dim, device=device, generator=gen))).cpu()
            for i in range(0, n, batch)]
