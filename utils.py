@@ -1,10 +1,10 @@
-"""What both training scripts share, in sections, in this order:
+"""What the training scripts (and evaluate.py, bench.py) share, in sections, in this order:
 
     Errors and exit codes     UserError and its kinds; run_main turns them into one stderr line and an exit code
-    Flags                     value types, the flags both scripts have, presets
-    Device and seeding        select_device, optimizer_kwargs, seeds and RNG states
+    Flags                     value types with their ranges, one-line argparse errors, the shared flags, presets
+    Device and seeding        select_device, optimizer_kwargs, memory estimates (build_networks), seeds, RNG states
     Data                      IDX files read into one uint8 tensor on the device; EpochOrder (exact mid-epoch resume)
-    The training run          setup() and Run: all the loop does besides the algorithm
+    The training run          setup() and Run: all the loop does besides the algorithm; EpochMeans, generate
     Run folder, checkpoints   the folder and its lock, atomic writes, checkpoints, the EMA, stop signals
     Logging                   TensorBoard scalars, sample grids, progress.gif
 """
