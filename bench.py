@@ -201,7 +201,8 @@ def bench_algo(setup, images, device, steps, repeats, warmup):
 def make_parser():
     parser = utils.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--data-root", type=utils.nonempty, default="data", help="as in the training scripts; random images if missing")
+    parser.add_argument("--data-root", type=utils.nonempty, default="data",
+                        help="as in the training scripts; random images if missing")
     parser.add_argument("--steps", type=utils.int_range(1, 100_000), default=200, help="steps per timed segment")
     parser.add_argument("--repeats", type=utils.int_range(1, 100), default=3, help="alternated segments per loop")
     parser.add_argument("--warmup", type=utils.int_range(1, 100_000), default=30, help="untimed steps first")

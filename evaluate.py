@@ -220,7 +220,8 @@ def to_uint8_28(images):
 @torch.no_grad()
 def sample(G, z_dim, n, device, seed=0, batch=1000, img_size=28):
     """n images from G in eval mode with a fixed seed, as uint8 N x 28 x 28 on the CPU; G's mode is restored. Drawn
-    `batch` at a time, fewer when G's images (img_size) or noise (z_dim) are so large that a batch would pass 256 MiB."""
+    `batch` at a time, fewer when G's images (img_size) or noise (z_dim) are so large that a batch would pass
+    256 MiB."""
     batch = min(batch, max(1, 2**28 // (4 * max(img_size**2, z_dim))))
     gen = torch.Generator(device=device).manual_seed(seed)
     out = [to_uint8_28(utils.generate(G, torch.randn(min(batch, n - i), z_dim, device=device, generator=gen))).cpu()
@@ -334,7 +335,8 @@ def make_parser():
     parser.add_argument("--no-floor", dest="floor", action="store_false", help="skip the real-versus-real row")
     parser.add_argument("--json", action="store_true", help="print one JSON line instead of the table")
     parser.add_argument("--grid", type=utils.new_file, metavar="PNG", help="save a grid of the first 64 samples")
-    parser.add_argument("--export", type=utils.new_file, metavar="NPZ", help="save the samples as key 'images', uint8 N x 28 x 28")
+    parser.add_argument("--export", type=utils.new_file, metavar="NPZ",
+                        help="save the samples as key 'images', uint8 N x 28 x 28")
     parser.add_argument("--interpolate", type=utils.new_file, metavar="PNG",
                         help="save 8 rows of 10 images, each a straight line in z between two seeded noise vectors")
     return parser

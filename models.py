@@ -113,8 +113,8 @@ class EMA:
 
     After each generator step: ema <- decay * ema + (1 - decay) * G for every parameter (it starts as a copy of G).
     Buffers (BatchNorm running statistics) are copied from G; before the average is sampled or saved, calibrate()
-    replaces them with statistics of the averaged weights themselves, since G's statistics belong to G's weights (measured on
-    the WGAN: FID 44 -> 36, see README, Results).
+    replaces them with statistics of the averaged weights themselves, since G's statistics belong to G's weights
+    (measured on the WGAN: FID 44 -> 36, see README, Results).
     """
 
     def __init__(self, G, decay):

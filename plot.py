@@ -67,7 +67,7 @@ def make_parser():
 def main(argv=None):
     args = make_parser().parse_args(argv)
     out = args.out or args.run / "curves.png"
-    if out.is_dir() or (out.parent.exists() and not out.parent.is_dir()) or not str(args.out or "x").strip():
+    if not str(out).strip() or out.is_dir() or (out.parent.exists() and not out.parent.is_dir()):
         raise PlotError(f"--out {args.out or out}: not a file path; give the PNG to write, e.g. curves.png")
     scalars = read_scalars(args.run)
     algo = "wgan" if "epoch_mean/wasserstein_estimate" in scalars else "vanilla_gan"

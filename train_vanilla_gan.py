@@ -28,7 +28,8 @@ LEGACY = {"preset": None, "leaky_slope": 0.1, "d_dropout": 0.0}
 def make_parser():
     parser = utils.make_parser(__doc__, PRESETS, dataset="mnist", epochs=50, batch_size=32, lr=3e-4, z_dim=64,
                                img_size=28, log_every=100)
-    parser.add_argument("--beta1", type=utils.fraction, default=0.5, help="Adam beta1 (0.5 as in DCGAN; the source: 0.9)")
+    parser.add_argument("--beta1", type=utils.fraction, default=0.5,
+                        help="Adam beta1 (0.5 as in DCGAN; the source: 0.9)")
     parser.add_argument("--beta2", type=utils.fraction, default=0.999, help="Adam beta2")
     parser.add_argument("--g-hidden", type=utils.width, nargs="+", default=[512, 1024],
                         help="generator hidden widths")

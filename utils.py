@@ -232,17 +232,21 @@ def make_parser(description, presets, *, dataset, epochs, batch_size, lr, z_dim,
     add("--preset", choices=sorted(presets), default="default",
         help="a set of defaults (flags typed explicitly override it): " + preset_help(presets))
     add("--dataset", choices=sorted(DATASETS), default=dataset, help="training data")
-    add("--data-root", type=nonempty, default="data", help="folder holding <MNIST|FashionMNIST>/raw/ (downloaded there if missing)")
+    add("--data-root", type=nonempty, default="data",
+        help="folder holding <MNIST|FashionMNIST>/raw/ (downloaded there if missing)")
     add("--epochs", type=positive_int, default=epochs, help="passes over the training split")
     add("--batch-size", type=int_range(min_batch[0], why=min_batch[1]), default=batch_size, help="images per step")
     add("--lr", type=positive_float, default=lr, help="learning rate of both networks")
     add("--z-dim", type=width, default=z_dim, help="size of the generator's noise input")
-    add("--img-size", type=int_range(1, 10_000), default=img_size, help="train on images resized to this side (28 = native)")
+    add("--img-size", type=int_range(1, 10_000), default=img_size,
+        help="train on images resized to this side (28 = native)")
     add("--seed", type=seed, default=1, help="seeds every random number (data order, noise, weights)")
     add("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto", help="auto = cuda, else mps, else cpu")
     add("--runs-dir", type=nonempty, default="runs", help="TensorBoard and checkpoint root")
-    add("--run-name", type=folder_name, default=None, help="folder under --runs-dir (default {algo}-{dataset}-{YYYYmmdd-HHMMSS})")
-    add("--resume", type=nonempty, default=None, metavar="PATH", help="continue the run in this folder (or this checkpoint.pt)")
+    add("--run-name", type=folder_name, default=None,
+        help="folder under --runs-dir (default {algo}-{dataset}-{YYYYmmdd-HHMMSS})")
+    add("--resume", type=nonempty, default=None, metavar="PATH",
+        help="continue the run in this folder (or this checkpoint.pt)")
     add("--log-every", type=positive_int, default=log_every, help="steps between scalar logs and NaN checks")
     add("--checkpoint-every", type=non_negative_int, default=500,
         help="steps between checkpoints (0 = only at epoch ends); also written on SIGINT/SIGTERM")
