@@ -21,6 +21,7 @@ import textbook
 import train_vanilla_gan
 import train_wgan
 import utils
+from data import EpochOrder, load_split, to_model_range
 from models import Critic, Discriminator, Generator, WGANGenerator
 
 
@@ -54,10 +55,10 @@ def reference_batches(images, batch_size, img_size, seed):
 
 
 def our_batches(images, batch_size, seed):
-    order = utils.EpochOrder(len(images), batch_size, seed)
+    order = EpochOrder(len(images), batch_size, seed)
     while True:
         for idx in order.batches(images.device):
-            yield utils.to_model_range(images[idx])
+            yield to_model_range(images[idx])
         order.next_epoch()
 
 
@@ -214,7 +215,7 @@ def main(argv=None):
     args = make_parser().parse_args(argv)
     device = utils.select_device(args.device)
     try:
-        images, _ = utils.load_split("mnist", args.data_root, "train")
+        images, _ = load_split("mnist", args.data_root, "train")
         data = f"MNIST from {args.data_root}"
     except utils.DataError:
         images, data = torch.randint(0, 256, (60000, 28, 28), dtype=torch.uint8), "random uint8 images"

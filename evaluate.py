@@ -22,6 +22,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import utils
+from data import load_split, to_model_range
+from models import Generator, WGANGenerator, generate
 
 CLASSIFIER_EPOCHS = 4
 NUM_CLASSES = 10
@@ -53,7 +55,7 @@ class Classifier(nn.Module):
 
 def to_input(images_uint8):
     """uint8 N x 28 x 28 (0 = black background) -> the classifier's float input N x 1 x 28 x 28 in [-1, 1]."""
-    return utils.to_model_range(images_uint8[:, None])
+    return to_model_range(images_uint8[:, None])
 
 
 @torch.no_grad()
@@ -70,8 +72,8 @@ def predict(model, images_uint8, device, batch=1000):
 
 def train_classifier(dataset, data_root, device, epochs=CLASSIFIER_EPOCHS, seed=0, progress=True):
     """Train with a fixed seed on the train split; returns (model, test accuracy). The caller's RNG is left alone."""
-    train_x, train_y = utils.load_split(dataset, data_root, "train")
-    test_x, test_y = utils.load_split(dataset, data_root, "test")
+    train_x, train_y = load_split(dataset, data_root, "train")
+    test_x, test_y = load_split(dataset, data_root, "test")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = Classifier().to(device)
@@ -224,7 +226,7 @@ def sample(G, z_dim, n, device, seed=0, batch=1000, img_size=28):
     256 MiB."""
     batch = min(batch, max(1, 2**28 // (4 * max(img_size**2, z_dim))))
     gen = torch.Generator(device=device).manual_seed(seed)
-    out = [to_uint8_28(utils.generate(G, torch.randn(min(batch, n - i), z_dim, device=device, generator=gen))).cpu()
+    out = [to_uint8_28(generate(G, torch.randn(min(batch, n - i), z_dim, device=device, generator=gen))).cpu()
            for i in range(0, n, batch)]
     return torch.cat(out)
 
@@ -237,7 +239,7 @@ def interpolation(G, z_dim, device, rows=8, steps=10, seed=0):
     start, end = torch.randn(2, rows, 1, z_dim, device=device, generator=gen)
     t = torch.linspace(0, 1, steps, device=device)[None, :, None]
     z = (start + t * (end - start)).reshape(rows * steps, z_dim)
-    return as_image_batch(utils.generate(G, z))
+    return as_image_batch(generate(G, z))
 
 
 class Evaluator:
@@ -246,7 +248,7 @@ class Evaluator:
     def __init__(self, dataset, data_root, device, progress=True):
         self.device = device
         self.model, self.accuracy = load_classifier(dataset, data_root, device, progress)
-        self.test_images, _ = utils.load_split(dataset, data_root, "test")
+        self.test_images, _ = load_split(dataset, data_root, "test")
         self.test_feats, _ = predict(self.model, self.test_images, device)
         self.dataset, self.data_root = dataset, data_root
 
@@ -257,55 +259,66 @@ class Evaluator:
         return self.images(sample(G, z_dim, n, self.device, seed, img_size=img_size))
 
     def real_floor(self, n=10000):
-        train, _ = utils.load_split(self.dataset, self.data_root, "train")
+        train, _ = load_split(self.dataset, self.data_root, "train")
         return self.images(train[torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:n]])
 
 
 class TrainingEval:
-    """Evaluation inside the training scripts: built on first use, logs eval/* to TensorBoard, writes metrics.json."""
+    """Evaluation inside the training scripts: what it needs is checked when the run starts (found missing only after
+    hours of training, it would cost the run its evaluation); the Evaluator is built on first use; logs eval/* to
+    TensorBoard, writes metrics.json."""
 
     LOGGED = ("fid", "precision", "recall", "class_kl")
 
-    def __init__(self, args, device):
-        self.args, self.device, self.evaluator = args, device, None
+    def __init__(self, cfg, device):
+        self.cfg, self.device, self.evaluator = cfg, device, None
+        if not cfg.eval:
+            return
+        try:
+            load_split(cfg.dataset, cfg.data_root, "test")
+        except utils.DataError as e:
+            raise utils.DataError(f"{e}; or pass --no-eval to train without the quality evaluation")
+        # per sample: its 28 x 28 image and two feature copies; a batch of samples (at most 256 MiB, sample()); the
+        # neighbour distances, computed in chunks of 2048 rows
+        need = cfg.eval_n * (784 + 2 * 128 * 8) + 2**28 + 2 * 2048 * max(cfg.eval_n, 10_000) * 8
+        utils.check_memory(need, torch.device("cpu"), f"evaluations of --eval-n {cfg.eval_n} samples",
+                           "lower --eval-n")
 
     def __call__(self, G, writer, step):
-        a = self.args
+        c = self.cfg
         if self.evaluator is None:
-            self.evaluator = Evaluator(a.dataset, a.data_root, self.device, progress=a.progress)
-        result = self.evaluator.generator(G, a.z_dim, a.eval_n, img_size=a.img_size)
+            self.evaluator = Evaluator(c.dataset, c.data_root, self.device, progress=c.progress)
+        result = self.evaluator.generator(G, c.z_dim, c.eval_n, img_size=c.img_size)
         for name in self.LOGGED:
             writer.add_scalar(f"eval/{name}", result[name], step)
-        print(f"eval at step {step} ({a.eval_n} samples): " + "  ".join(f"{n} {result[n]:.4g}" for n in self.LOGGED),
+        print(f"eval at step {step} ({c.eval_n} samples): " + "  ".join(f"{n} {result[n]:.4g}" for n in self.LOGGED),
               flush=True)
         return result
 
     def after_epoch(self, G, writer, step, epochs_done):
         """Every --eval-every epochs, but not after the last one (final() does that)."""
-        a = self.args
-        if a.eval and a.eval_every and epochs_done % a.eval_every == 0 and epochs_done < a.epochs:
+        c = self.cfg
+        if c.eval and c.eval_every and epochs_done % c.eval_every == 0 and epochs_done < c.epochs:
             self(G, writer, step)
 
     def final(self, G, writer, step, run_dir):
         """At the end of training (unless --no-eval): logged, and saved as metrics.json in the run folder."""
-        if not self.args.eval:
+        if not self.cfg.eval:
             return
         result = self(G, writer, step)
-        text = json.dumps({"step": step, "n": self.args.eval_n, "classifier_accuracy": self.evaluator.accuracy,
+        text = json.dumps({"step": step, "n": self.cfg.eval_n, "classifier_accuracy": self.evaluator.accuracy,
                            **result}, indent=2)
         utils.write_atomic(Path(run_dir) / "metrics.json", lambda f: f.write(text.encode()))
 
 
 def generator_from_checkpoint(ckpt, device, raw=False):
     """Rebuild the generator a checkpoint describes: its weight average (EMA) when it holds one, unless raw, else the
-    trained weights. Returns (G, z_dim, "ema" or "raw"). Imports here keep this file free of the training scripts."""
-    from models import Generator, WGANGenerator
-
+    trained weights. Returns (G, z_dim, "ema" or "raw")."""
     a = ckpt["args"]
     if ckpt["algo"] == "wgan":
         G = WGANGenerator(a["z_dim"], (1, a["img_size"], a["img_size"]), a["g_widths"])
-    else:  # checkpoints from before the list flags and the slope flag hold one width and slope 0.1
-        G = Generator(a["z_dim"], a["img_size"] ** 2, a["g_hidden"], a.get("leaky_slope", 0.1))
+    else:
+        G = Generator(a["z_dim"], a["img_size"] ** 2, a["g_hidden"], a["leaky_slope"])
     weights = "raw" if raw or "G_ema" not in ckpt else "ema"
     G.load_state_dict(ckpt["G"] if weights == "raw" else ckpt["G_ema"])
     return G.to(device), a["z_dim"], weights
@@ -346,7 +359,7 @@ def main(argv=None):
     args = make_parser().parse_args(argv)
     device = utils.select_device(args.device)
     ckpt, path = utils.load_checkpoint(args.run, flag="run")
-    data_root = args.data_root or ckpt["args"].get("data_root", "data")
+    data_root = args.data_root or ckpt["args"]["data_root"]
     dataset = ckpt["args"]["dataset"]
 
     started = time.time()
@@ -359,7 +372,7 @@ def main(argv=None):
         rows["real"] = evaluator.real_floor()
     try:  # the outputs were checked before any work; what fails now is the disk
         if args.grid:
-            utils.save_grid(utils.image_grid(utils.to_model_range(images[:64, None])), args.grid)
+            utils.save_grid(utils.image_grid(to_model_range(images[:64, None])), args.grid)
         if args.export:
             Path(args.export).absolute().parent.mkdir(parents=True, exist_ok=True)
             utils.write_atomic(args.export, lambda f: np.savez_compressed(f, images=images.numpy()))

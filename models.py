@@ -15,11 +15,6 @@ def init_weights(module):
         nn.init.zeros_(module.bias)
 
 
-def _widths(widths):
-    """A list of hidden widths; an int (how checkpoints before the list flags stored one width) is a list of one."""
-    return [widths] if isinstance(widths, int) else list(widths)
-
-
 class Generator(nn.Module):
     """Vanilla GAN generator: z -> [Linear -> LeakyReLU] per hidden width -> img_dim -> Tanh.
 
@@ -29,7 +24,7 @@ class Generator(nn.Module):
     def __init__(self, z_dim=64, img_dim=784, widths=(256,), slope=0.1):
         super().__init__()
         layers, width_in = [], z_dim
-        for width in _widths(widths):
+        for width in widths:
             layers += [nn.Linear(width_in, width), nn.LeakyReLU(slope)]
             width_in = width
         layers += [nn.Linear(width_in, img_dim), nn.Tanh()]
@@ -51,7 +46,7 @@ class Discriminator(nn.Module):
     def __init__(self, img_dim=784, widths=(128,), slope=0.1, dropout=0.0):
         super().__init__()
         layers, width_in = [], img_dim
-        for width in _widths(widths):
+        for width in widths:
             layers += [nn.Linear(width_in, width), nn.LeakyReLU(slope)]
             if dropout > 0:
                 layers.append(nn.Dropout(dropout))
@@ -106,6 +101,17 @@ class Critic(nn.Module):
 
     def forward(self, x):
         return self.net(x.flatten(1))
+
+
+@torch.no_grad()
+def generate(G, z):
+    """G(z) in eval mode (BatchNorm uses its running statistics, not the batch's own), G's mode restored after."""
+    was_training = G.training
+    G.eval()
+    try:
+        return G(z)
+    finally:
+        G.train(was_training)
 
 
 class EMA:

@@ -7,6 +7,9 @@ D maximizes log D(x) + log(1 - D(G(z))); G maximizes log D(G(z)) (the non-satura
 """
 import torch
 
+import config
+import data
+import training
 import utils
 from models import Discriminator, Generator
 
@@ -20,14 +23,11 @@ PRESETS = {
     "source": {"lr": 3e-4, "beta1": 0.9, "beta2": 0.999, "batch_size": 32, "z_dim": 64, "g_hidden": [256],
                "d_hidden": [128], "leaky_slope": 0.1, "d_dropout": 0.0, "ema_decay": 0.0},
 }
-# Flags that checkpoints written before they existed lack, with the values that code trained with.
-# (A run without the average gets one on resume, started as a copy of G.)
-LEGACY = {"preset": None, "leaky_slope": 0.1, "d_dropout": 0.0}
 
 
 def make_parser():
-    parser = utils.make_parser(__doc__, PRESETS, dataset="mnist", epochs=50, batch_size=32, lr=3e-4, z_dim=64,
-                               img_size=28, log_every=100)
+    parser = config.make_parser(__doc__, PRESETS, dataset="mnist", epochs=50, batch_size=32, lr=3e-4, z_dim=64,
+                                img_size=28, log_every=100)
     parser.add_argument("--beta1", type=utils.fraction, default=0.5,
                         help="Adam beta1 (0.5 as in DCGAN; the source: 0.9)")
     parser.add_argument("--beta2", type=utils.fraction, default=0.999, help="Adam beta2")
@@ -80,29 +80,29 @@ def train_step(G, D, opt_G, opt_D, real, z):
     return loss_D.detach(), loss_G.detach(), d_out[:batch].mean().detach(), d_out[batch:].mean().detach()
 
 
-def make_networks(args, img_shape):
+def make_networks(cfg, img_shape):
     """G and D of this run, from its flags."""
     img_dim = img_shape[0] * img_shape[1] * img_shape[2]
-    return (Generator(args.z_dim, img_dim, args.g_hidden, args.leaky_slope),
-            Discriminator(img_dim, args.d_hidden, args.leaky_slope, args.d_dropout))
+    return (Generator(cfg.z_dim, img_dim, cfg.g_hidden, cfg.leaky_slope),
+            Discriminator(img_dim, cfg.d_hidden, cfg.leaky_slope, cfg.d_dropout))
 
 
 def main(argv=None):
-    # Setup (plumbing shared with train_wgan.py, in utils.py): flags, device, seed, the dataset on the device.
-    args, ckpt, device = utils.setup(make_parser(), argv, PRESETS, ALGO, LEGACY)
-    images = utils.load_train_images(args.dataset, args.data_root, args.img_size, device)
-    G, D = utils.build_networks(make_networks, args, images, device)  # refused up front if they cannot fit
+    # Setup (plumbing shared with train_wgan.py, in training.py): configuration, device, seed, data on the device.
+    cfg, ckpt, device = training.setup(make_parser(), argv, PRESETS, ALGO)
+    images = data.load_train_images(cfg.dataset, cfg.data_root, cfg.img_size, device)
+    G, D = training.build_networks(make_networks, cfg, images, device)  # refused up front if they cannot fit
     fast = utils.optimizer_kwargs(device)
-    opt_G = torch.optim.Adam(G.parameters(), lr=args.lr, betas=(args.beta1, args.beta2), **fast)
-    opt_D = torch.optim.Adam(D.parameters(), lr=args.lr, betas=(args.beta1, args.beta2), **fast)
+    opt_G = torch.optim.Adam(G.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), **fast)
+    opt_D = torch.optim.Adam(D.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), **fast)
     # The run folder (a --resume restores all of these from its checkpoint), TensorBoard, the weight average of G.
-    run = utils.Run(ALGO, args, images, ckpt, G=G, D=D, opt_G=opt_G, opt_D=opt_D)
+    run = training.Run(ALGO, cfg, images, ckpt, G=G, D=D, opt_G=opt_G, opt_D=opt_D)
 
-    with run.signals:  # SIGINT/SIGTERM only set a flag: the step finishes, a checkpoint is saved, then the exit
+    with run:  # SIGINT/SIGTERM only set a flag: the step finishes, a checkpoint is saved, then the exit
         while run.continues():  # epochs left, --max-steps not reached, no signal
             for _, idx in run.epoch_batches():  # the epoch's batches; it ends early at --max-steps or on a signal
-                real = utils.to_model_range(images[idx])
-                z = torch.randn(args.batch_size, args.z_dim, device=device)
+                real = data.to_model_range(images[idx])
+                z = torch.randn(cfg.batch_size, cfg.z_dim, device=device)
                 # (1) Update D: maximize log D(x) + log(1 - D(G(z)))
                 # (2) Update G: maximize log D(G(z))
                 loss_D, loss_G, d_real, d_fake = train_step(G, D, opt_G, opt_D, real, z)

@@ -8,6 +8,9 @@ Generator: every n_critic critic steps, minimize -mean C(G(z)). Both with RMSpro
 """
 import torch
 
+import config
+import data
+import training
 import utils
 from models import Critic, WGANGenerator
 
@@ -23,13 +26,12 @@ PRESETS = {
     "paper": PAPER,
     "source": {**PAPER, "clip_value": 0.005, "n_critic": 25, "img_size": 32},
 }
-LEGACY = {"preset": None}  # flags that checkpoints written before they existed lack (see train_vanilla_gan.py)
 
 
 def make_parser():
-    parser = utils.make_parser(__doc__, PRESETS, dataset="fashion-mnist", epochs=50, batch_size=64, lr=1e-4, z_dim=100,
-                               img_size=28, log_every=100,
-                               min_batch=(2, "BatchNorm needs 2 or more images per batch"))
+    parser = config.make_parser(__doc__, PRESETS, dataset="fashion-mnist", epochs=50, batch_size=64, lr=1e-4,
+                                z_dim=100, img_size=28, log_every=100,
+                                min_batch=(2, "BatchNorm needs 2 or more images per batch"))
     parser.add_argument("--clip-value", type=utils.positive_float, default=0.01,
                         help="critic weights clipped to [-c, c]")
     parser.add_argument("--n-critic", type=utils.positive_int, default=1, help="critic steps per generator step")
@@ -75,32 +77,32 @@ def generator_step(G, C, opt_G, z):
     return loss_G.detach()
 
 
-def make_networks(args, img_shape):
+def make_networks(cfg, img_shape):
     """G and the critic of this run, from its flags."""
-    return WGANGenerator(args.z_dim, img_shape, args.g_widths), Critic(img_shape, args.critic_widths)
+    return WGANGenerator(cfg.z_dim, img_shape, cfg.g_widths), Critic(img_shape, cfg.critic_widths)
 
 
 def main(argv=None):
-    # Setup (plumbing shared with train_vanilla_gan.py, in utils.py): flags, device, seed, the dataset on the device.
-    args, ckpt, device = utils.setup(make_parser(), argv, PRESETS, ALGO, LEGACY)
-    images = utils.load_train_images(args.dataset, args.data_root, args.img_size, device)
-    G, C = utils.build_networks(make_networks, args, images, device)  # refused up front if they cannot fit
-    opt_G = torch.optim.RMSprop(G.parameters(), lr=args.lr, **utils.optimizer_kwargs(device, fused=False))
-    opt_C = torch.optim.RMSprop(C.parameters(), lr=args.lr, **utils.optimizer_kwargs(device, fused=False))
+    # Setup (plumbing shared with train_vanilla_gan.py, in training.py): configuration, device, seed, data.
+    cfg, ckpt, device = training.setup(make_parser(), argv, PRESETS, ALGO)
+    images = data.load_train_images(cfg.dataset, cfg.data_root, cfg.img_size, device)
+    G, C = training.build_networks(make_networks, cfg, images, device)  # refused up front if they cannot fit
+    opt_G = torch.optim.RMSprop(G.parameters(), lr=cfg.lr, **utils.optimizer_kwargs(device, fused=False))
+    opt_C = torch.optim.RMSprop(C.parameters(), lr=cfg.lr, **utils.optimizer_kwargs(device, fused=False))
     # The run folder (a --resume restores all of these from its checkpoint), TensorBoard, the weight average of G.
-    run = utils.Run(ALGO, args, images, ckpt, G=G, C=C, opt_G=opt_G, opt_C=opt_C)
+    run = training.Run(ALGO, cfg, images, ckpt, G=G, C=C, opt_G=opt_G, opt_C=opt_C)
 
-    with run.signals:  # SIGINT/SIGTERM only set a flag: the step finishes, a checkpoint is saved, then the exit
+    with run:  # SIGINT/SIGTERM only set a flag: the step finishes, a checkpoint is saved, then the exit
         while run.continues():  # epochs left, --max-steps not reached, no signal
             for step, idx in run.epoch_batches():  # step counts critic steps; ends early at --max-steps or on a signal
                 # (1) Update the critic: maximize mean C(x) - mean C(G(z)), then clip its weights to [-c, c]
-                real = utils.to_model_range(images[idx])
-                z = torch.randn(args.batch_size, args.z_dim, device=device)
-                loss_C = critic_step(G, C, opt_C, real, z, args.clip_value)
+                real = data.to_model_range(images[idx])
+                z = torch.randn(cfg.batch_size, cfg.z_dim, device=device)
+                loss_C = critic_step(G, C, opt_C, real, z, cfg.clip_value)
                 run.record({"loss/critic": loss_C, "wasserstein_estimate": -loss_C})
                 # (2) Update G every n_critic critic steps: maximize mean C(G(z))
-                if step % args.n_critic == 0:
-                    loss_G = generator_step(G, C, opt_G, torch.randn(args.batch_size, args.z_dim, device=device))
+                if step % cfg.n_critic == 0:
+                    loss_G = generator_step(G, C, opt_G, torch.randn(cfg.batch_size, cfg.z_dim, device=device))
                     run.update_average(G)
                     run.record({"loss/G": loss_G})
                 run.after_step()  # TensorBoard every --log-every steps, a checkpoint every --checkpoint-every

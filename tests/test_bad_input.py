@@ -9,6 +9,7 @@ import torch
 
 import train_vanilla_gan
 import train_wgan
+import data
 import utils
 from conftest import SMALL_VANILLA, make_dataset, write_idx
 
@@ -16,7 +17,7 @@ from conftest import SMALL_VANILLA, make_dataset, write_idx
 @pytest.fixture(autouse=True)
 def offline(monkeypatch):
     """torchvision's download fails as it does without a network (and never touches one in tests)."""
-    monkeypatch.setattr(utils, "_download", lambda *a: "URLError: <urlopen error [Errno -3] name resolution failed>")
+    monkeypatch.setattr(data, "_download", lambda *a: "URLError: <urlopen error [Errno -3] name resolution failed>")
 
 
 def cli(module, argv, capsys):
@@ -50,7 +51,7 @@ def vanilla(data_root, runs, *extra):
 
 
 def test_missing_data_offline_names_the_folders_and_the_flag(tmp_path, runs, capsys, monkeypatch):
-    monkeypatch.setattr(utils, "SYSTEM_DATA_DIRS", {"fashion-mnist": [tmp_path / "system"]})
+    monkeypatch.setattr(data, "SYSTEM_DATA_DIRS", {"fashion-mnist": [tmp_path / "system"]})
     code, err = cli(train_wgan, ["--data-root", tmp_path / "nothing", "--runs-dir", runs], capsys)
     line = one_error_line(err)
     assert code == 1
@@ -61,14 +62,14 @@ def test_missing_data_offline_names_the_folders_and_the_flag(tmp_path, runs, cap
 
 def test_the_system_dataset_folder_is_the_fallback_when_offline(tmp_path, monkeypatch):
     make_dataset(tmp_path / "sys", "FashionMNIST", n_train=40)
-    monkeypatch.setattr(utils, "SYSTEM_DATA_DIRS", {"fashion-mnist": [tmp_path / "sys" / "FashionMNIST" / "raw"]})
-    images, labels = utils.load_split("fashion-mnist", tmp_path / "empty", "train")
+    monkeypatch.setattr(data, "SYSTEM_DATA_DIRS", {"fashion-mnist": [tmp_path / "sys" / "FashionMNIST" / "raw"]})
+    images, labels = data.load_split("fashion-mnist", tmp_path / "empty", "train")
     assert images.shape == (40, 28, 28) and labels.shape == (40,) and images.dtype == torch.uint8
 
 
 def test_uncompressed_idx_files_load(tmp_path):
     make_dataset(tmp_path, "MNIST", n_train=20, compress=False)
-    images, labels = utils.load_split("mnist", tmp_path, "train")
+    images, labels = data.load_split("mnist", tmp_path, "train")
     assert images.shape == (20, 28, 28) and int(images.max()) == 255 and int(labels.max()) <= 9
 
 

@@ -30,6 +30,7 @@ import bench
 import evaluate
 import plot
 import train_vanilla_gan
+import training
 import train_wgan
 import utils
 from conftest import SMALL_VANILLA, SMALL_WGAN, make_dataset
@@ -195,7 +196,7 @@ def check(name, argv, world):
     assert len(lines) == 1 and lines[0].startswith("error: "), shown
     changed = {p for p in set(before) | set(after) if before.get(p) != after.get(p)}
     if code == 3:  # a divergence keeps the run folder it made; nothing else may change
-        new_runs = {p.parent for p in after if p not in before and p.name == utils.LOCK}
+        new_runs = {p.parent for p in after if p not in before and p.name == training.LOCK}
         changed = {p for p in changed if p not in new_runs and not any(run in p.parents for run in new_runs)}
     assert not changed, f"{shown}\nchanged: {sorted(map(str, changed))}"
     remove_new(before, after)  # a diverged run's folder

@@ -1,14 +1,13 @@
-"""Presets (`--preset source|paper`), the generator's weight average (`--ema-decay`), and checkpoints written before
-either existed (tests/legacy/: made by the scripts of commit d6a8a62 on the tiny test data)."""
+"""Presets (`--preset source|paper`), the resolved configuration, the generator's weight average (`--ema-decay`), and
+the checkpoint's format version."""
 import json
-import shutil
-from pathlib import Path
 
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
+import config
 import evaluate
 import train_vanilla_gan
 import train_wgan
@@ -16,15 +15,11 @@ import utils
 from conftest import SMALL_WGAN, run_script
 from models import EMA, Discriminator, Generator, WGANGenerator
 
-LEGACY = Path(__file__).parent / "legacy"
-
-
 def resolve(module, argv):
-    """The arguments a script's main() trains with, for a command line (no resume)."""
-    parser = module.make_parser()
-    args = parser.parse_args(argv)
-    utils.apply_preset(args, parser, argv, module.PRESETS)
-    return args
+    """The configuration a script's main() trains with, for a command line (no resume)."""
+    cfg, ckpt = config.resolve(module.make_parser(), argv, module.PRESETS, module.ALGO)
+    assert ckpt is None
+    return cfg
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -34,7 +29,7 @@ def resolve(module, argv):
 def test_vanilla_source_preset_restores_the_tutorials_settings():
     a = resolve(train_vanilla_gan, ["--preset", "source"])
     assert (a.lr, a.beta1, a.beta2, a.batch_size, a.z_dim) == (3e-4, 0.9, 0.999, 32, 64)
-    assert (a.g_hidden, a.d_hidden, a.leaky_slope, a.d_dropout, a.ema_decay) == ([256], [128], 0.1, 0.0, 0.0)
+    assert (a.g_hidden, a.d_hidden, a.leaky_slope, a.d_dropout, a.ema_decay) == ((256,), (128,), 0.1, 0.0, 0.0)
     default = resolve(train_vanilla_gan, [])
     assert default.preset == "default" and default.ema_decay > 0 and default.beta1 != 0.9
 
@@ -45,15 +40,15 @@ def test_wgan_paper_and_source_presets():
     assert paper.ema_decay == 0.0
     source = resolve(train_wgan, ["--preset", "source"])  # the WGAN code's own run
     assert (source.lr, source.clip_value, source.n_critic, source.img_size) == (5e-5, 0.005, 25, 32)
-    assert source.g_widths == [128, 256, 512, 1024] and source.critic_widths == [512, 256]
+    assert source.g_widths == (128, 256, 512, 1024) and source.critic_widths == (512, 256)
 
 
 @pytest.mark.parametrize("argv", [["--preset", "source", "--beta1", "0.5", "--g-hidden", "512", "--ema-decay", "0.99"],
                                   ["--beta1=0.5", "--g-hidden=512", "--ema-decay=0.99", "--preset=source"]])
 def test_flags_typed_explicitly_override_the_preset(argv):
     a = resolve(train_vanilla_gan, argv)
-    assert (a.beta1, a.g_hidden, a.ema_decay) == (0.5, [512], 0.99)
-    assert (a.lr, a.d_hidden, a.d_dropout) == (3e-4, [128], 0.0)  # the rest from the preset
+    assert (a.beta1, a.g_hidden, a.ema_decay) == (0.5, (512,), 0.99)
+    assert (a.lr, a.d_hidden, a.d_dropout) == (3e-4, (128,), 0.0)  # the rest from the preset
     w = resolve(train_wgan, ["--preset", "source", "--n-critic", "5"])
     assert (w.n_critic, w.clip_value, w.img_size) == (5, 0.005, 32)
 
@@ -78,8 +73,8 @@ def test_preset_and_resolved_values_go_to_config_hparams_and_checkpoint(tmp_path
     assert list(ckpt["D"]) == ["net.0.weight", "net.0.bias", "net.2.weight", "net.2.bias"]  # the source's network
     acc = EventAccumulator(str(tmp_path / "s"), size_guidance={"tensors": 0})
     acc.Reload()
-    config = json.loads(acc.Tensors("config/text_summary")[0].tensor_proto.string_val[0].decode().strip("`\n"))
-    assert config["preset"] == "source" and config["beta1"] == 0.9 and config["g_hidden"] == [256]
+    logged = json.loads(acc.Tensors("config/text_summary")[0].tensor_proto.string_val[0].decode().strip("`\n"))
+    assert logged["preset"] == "source" and logged["beta1"] == 0.9 and logged["g_hidden"] == [256]
     info = plugin_data_pb2.HParamsPluginData.FromString(
         acc.SummaryMetadata("_hparams_/session_start_info").plugin_data.content).session_start_info
     assert info.hparams["preset"].string_value == "source" and info.hparams["beta1"].number_value == 0.9
@@ -90,6 +85,42 @@ def test_resume_refuses_another_preset(tmp_path, data_root):
     assert run_script("train_wgan.py", "--runs-dir", tmp_path, "--run-name", "p", *common).returncode == 0
     out = run_script("train_wgan.py", "--resume", tmp_path / "p", "--preset", "paper", "--max-steps", "4")
     assert out.returncode == 2 and "--preset paper (checkpoint: default)" in out.stderr.strip().splitlines()[-1]
+
+
+def test_resume_resolves_the_checkpoints_configuration_once_and_it_stays_read_only(tmp_path, data_root):
+    common = ["--data-root", data_root, "--max-steps", "2", *SMALL_WGAN]
+    assert run_script("train_wgan.py", "--runs-dir", tmp_path, "--run-name", "r", "--clip-value", "0.02",
+                      *common).returncode == 0
+    argv = ["--resume", str(tmp_path / "r"), "--max-steps", "4", "--eval-n", "100"]  # runtime flags given anew
+    cfg, ckpt = config.resolve(train_wgan.make_parser(), argv, train_wgan.PRESETS, train_wgan.ALGO)
+    assert ckpt["step"] == 2
+    assert (cfg.clip_value, cfg.n_critic, cfg.g_widths, cfg.batch_size) == (0.02, 3, (16, 32), 16)  # the checkpoint's
+    assert (cfg.max_steps, cfg.eval_n) == (4, 100)  # typed anew
+    assert (cfg.run_name, cfg.runs_dir, cfg.resume) == ("r", str(tmp_path), str(tmp_path / "r" / "checkpoint.pt"))
+    assert cfg.as_dict()["g_widths"] == [16, 32] and ckpt["args"]["g_widths"] == [16, 32]  # lists, as written
+    with pytest.raises(AttributeError, match="read-only"):
+        cfg.lr = 1.0
+
+
+@pytest.mark.parametrize("found", [None, utils.CHECKPOINT_FORMAT + 1])
+def test_a_checkpoint_of_another_format_is_refused_in_one_line_naming_both(tmp_path, data_root, found):
+    common = ["--data-root", data_root, "--max-steps", "2", *SMALL_WGAN]
+    assert run_script("train_wgan.py", "--runs-dir", tmp_path, "--run-name", "f", *common).returncode == 0
+    path = tmp_path / "f" / "checkpoint.pt"
+    ckpt = torch.load(path, weights_only=True)
+    assert ckpt["format"] == utils.CHECKPOINT_FORMAT
+    if found is None:  # as written before formats were numbered
+        del ckpt["format"]
+    else:
+        ckpt["format"] = found
+    torch.save(ckpt, path)
+    before = path.read_bytes()
+    for out in (run_script("train_wgan.py", "--resume", tmp_path / "f", "--max-steps", "4"),
+                run_script("evaluate.py", tmp_path / "f", "--n", "8")):
+        assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, out.stderr
+        assert (f"a checkpoint of format {0 if found is None else found}, but these scripts read format"
+                f" {utils.CHECKPOINT_FORMAT}") in out.stderr
+    assert path.read_bytes() == before
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -166,8 +197,8 @@ def checkpoint_with_ema(path):
     ema = EMA(G, 0.5)
     perturbed(G, 1)
     args = {"z_dim": 4, "img_size": 28, "g_hidden": [8], "leaky_slope": 0.1, "dataset": "mnist"}
-    torch.save({"algo": "vanilla_gan", "args": args, "step": 1, "G": G.state_dict(), "G_ema": ema.state_dict()},
-               path)
+    torch.save({"format": utils.CHECKPOINT_FORMAT, "algo": "vanilla_gan", "args": args, "step": 1, "G": G.state_dict(),
+                "G_ema": ema.state_dict()}, path)
     return G, ema
 
 
@@ -186,43 +217,3 @@ def test_evaluate_scores_the_ema_weights_and_raw_the_trained_ones(tmp_path, data
         result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
         results[result["weights"]] = result["metrics"]["fid"]
     assert set(results) == {"ema", "raw"} and results["ema"] != results["raw"]
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Checkpoints written before presets and the EMA
-
-
-@pytest.mark.parametrize("algo,script,nets", [("vanilla", "train_vanilla_gan.py", ("G", "D")),
-                                              ("wgan", "train_wgan.py", ("G", "C"))])
-def test_a_checkpoint_of_the_previous_version_resumes_exactly_and_gets_an_ema(tmp_path, data_root, algo, script,
-                                                                            nets):
-    """tests/legacy/<algo>_step4.pt was written at step 4 of an 8-step run by the previous scripts (OMP_NUM_THREADS=1,
-    as the tests run); the networks that run ended with are in <algo>_step8_nets.pt. Resumed now, the run must end
-    with the same networks: same architecture (slope 0.1, no dropout), same optimizer state, data order and noise."""
-    run = tmp_path / "runs" / "old"
-    run.mkdir(parents=True)
-    shutil.copy(LEGACY / f"{algo}_step4.pt", run / "checkpoint.pt")
-    out = run_script(script, "--resume", run, "--data-root", data_root, "--max-steps", "8", "--ema-decay", "0.9",
-                     "--no-eval", "--no-progress")
-    assert out.returncode == 0, out.stderr
-    assert f"resuming {run} at step 4" in out.stdout
-    new = torch.load(run / "checkpoint.pt", weights_only=True)
-    old_end = torch.load(LEGACY / f"{algo}_step8_nets.pt", weights_only=True)
-    assert new["step"] == old_end["step"] == 8
-    for net in nets:  # equal up to rounding: another CPU may sum in another order (resume is bit-exact on one machine)
-        for key, value in old_end[net].items():
-            assert torch.allclose(new[net][key], value, rtol=1e-5, atol=1e-7), f"{net}.{key}"
-    assert new["args"]["preset"] is None and new["args"]["ema_decay"] == 0.9
-    assert set(new["G_ema"]) == set(new["G"])  # the average, started as a copy of G at step 4
-    assert not torch.equal(new["G_ema"]["net.0.weight"], new["G"]["net.0.weight"])
-    ckpt, _ = utils.load_checkpoint(run)
-    G, _, weights = evaluate.generator_from_checkpoint(ckpt, torch.device("cpu"))
-    assert weights == "ema"
-
-
-def test_evaluate_reads_a_checkpoint_of_the_previous_version(tmp_path):
-    ckpt, _ = utils.load_checkpoint(LEGACY / "vanilla_step4.pt")
-    G, z_dim, weights = evaluate.generator_from_checkpoint(ckpt, torch.device("cpu"))
-    assert weights == "raw" and z_dim == 2 and isinstance(G, Generator)
-    assert torch.equal(G.net[0].weight, ckpt["G"]["net.0.weight"])
-    assert Discriminator(784, ckpt["args"]["d_hidden"]).net[0].out_features == 4  # one width stored as an int

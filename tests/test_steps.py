@@ -6,7 +6,7 @@ import bench
 import textbook
 import train_vanilla_gan
 import train_wgan
-import utils
+import training
 from models import Critic, Discriminator, Generator, WGANGenerator
 
 
@@ -147,7 +147,7 @@ def test_step_flops_match_a_hand_count_so_no_needless_work_is_done():
 
 
 def test_epoch_means_average_each_group_over_the_steps_that_recorded_it():
-    means = utils.EpochMeans()
+    means = training.EpochMeans()
     for step in range(1, 7):  # a WGAN epoch with n_critic 3: six critic steps, two generator steps
         means.add({"loss/critic": torch.tensor(float(step)), "wasserstein_estimate": torch.tensor(-float(step))})
         if step % 3 == 0:
