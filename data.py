@@ -8,8 +8,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+import torchvision
 
-from utils import DataError, UserError, check_memory
+from utils import DataError, check_memory
 
 DATASETS = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST"}  # flag value -> torchvision folder/class name
 SYSTEM_DATA_DIRS = {"fashion-mnist": [Path("/usr/share/datasets/fashion-mnist")]}  # Debian's dataset-fashion-mnist
@@ -61,8 +62,6 @@ def _read_split(images_path, labels_path):
 
 def _download(dataset, root, split):
     """torchvision's own download into <root>/<Folder>/raw/ (fails offline; then we look elsewhere)."""
-    import torchvision
-
     cls = getattr(torchvision.datasets, DATASETS[dataset])
     raw = Path(root) / DATASETS[dataset] / "raw"
     made = [folder for folder in (raw, raw.parent, Path(root)) if not folder.exists()]
@@ -126,9 +125,6 @@ class EpochOrder:
     """A seeded permutation per epoch and the position in it: everything needed to resume mid-epoch exactly."""
 
     def __init__(self, num_images, batch_size, seed):
-        if batch_size > num_images:  # no full batch: an epoch would have no step
-            raise UserError(f"--batch-size {batch_size} is larger than the dataset ({num_images} images);"
-                            " use a smaller --batch-size")
         self.num_images, self.batch_size = num_images, batch_size
         self.steps_per_epoch = num_images // batch_size  # the last partial batch is dropped: all steps see full ones
         self.generator = torch.Generator().manual_seed(seed)

@@ -27,7 +27,6 @@ from models import Generator, WGANGenerator, generate
 
 CLASSIFIER_EPOCHS = 4
 NUM_CLASSES = 10
-MIN_ACCURACY = {"mnist": 0.985, "fashion-mnist": 0.90}  # what the cached classifier is expected to reach
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -263,26 +262,27 @@ class Evaluator:
         return self.images(train[torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:n]])
 
 
+def check_needs(cfg):
+    """What a training run's evaluations need, checked when it starts (found missing only after hours of training, it
+    would cost the run its evaluation): the test split, and memory for --eval-n samples' features and neighbour
+    distances."""
+    try:
+        load_split(cfg.dataset, cfg.data_root, "test")
+    except utils.DataError as e:
+        raise utils.DataError(f"{e}; or pass --no-eval to train without the quality evaluation")
+    # per sample: its 28 x 28 image and two feature copies; a batch of samples (at most 256 MiB, sample()); the
+    # neighbour distances, computed in chunks of 2048 rows
+    need = cfg.eval_n * (784 + 2 * 128 * 8) + 2**28 + 2 * 2048 * max(cfg.eval_n, 10_000) * 8
+    utils.check_memory(need, torch.device("cpu"), f"evaluations of --eval-n {cfg.eval_n} samples", "lower --eval-n")
+
+
 class TrainingEval:
-    """Evaluation inside the training scripts: what it needs is checked when the run starts (found missing only after
-    hours of training, it would cost the run its evaluation); the Evaluator is built on first use; logs eval/* to
-    TensorBoard, writes metrics.json."""
+    """Evaluation inside the training scripts: built on first use, logs eval/* to TensorBoard, writes metrics.json."""
 
     LOGGED = ("fid", "precision", "recall", "class_kl")
 
     def __init__(self, cfg, device):
         self.cfg, self.device, self.evaluator = cfg, device, None
-        if not cfg.eval:
-            return
-        try:
-            load_split(cfg.dataset, cfg.data_root, "test")
-        except utils.DataError as e:
-            raise utils.DataError(f"{e}; or pass --no-eval to train without the quality evaluation")
-        # per sample: its 28 x 28 image and two feature copies; a batch of samples (at most 256 MiB, sample()); the
-        # neighbour distances, computed in chunks of 2048 rows
-        need = cfg.eval_n * (784 + 2 * 128 * 8) + 2**28 + 2 * 2048 * max(cfg.eval_n, 10_000) * 8
-        utils.check_memory(need, torch.device("cpu"), f"evaluations of --eval-n {cfg.eval_n} samples",
-                           "lower --eval-n")
 
     def __call__(self, G, writer, step):
         c = self.cfg
@@ -340,7 +340,7 @@ def make_parser():
     parser.add_argument("run", type=utils.nonempty, help="a run folder or its checkpoint.pt")
     parser.add_argument("--n", type=utils.EVAL_N, default=10000, help="generated images (default 10000)")
     parser.add_argument("--data-root", type=utils.nonempty, default=None,
-                        help="folder of the data and the cached classifier (default: the run's own, else data)")
+                        help="folder of the data and the cached classifier (default: the run's own)")
     parser.add_argument("--seed", type=utils.seed, default=0, help="seed of the sampled noise (default 0)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto")
     parser.add_argument("--raw", action="store_true",

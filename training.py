@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 import torch
-from PIL import Image, ImageDraw
 from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams
 from tqdm import tqdm
@@ -22,7 +21,7 @@ from tqdm import tqdm
 import config
 import utils
 from data import EpochOrder, to_model_range
-from evaluate import TrainingEval
+from evaluate import TrainingEval, check_needs
 from models import EMA, generate
 
 try:
@@ -32,10 +31,13 @@ except ImportError:  # Windows: run folders are not locked there
 
 
 def setup(parser, argv, presets, algo):
-    """The run's configuration (flags, preset, checkpoint: config.resolve), its device, and every RNG seeded.
+    """The run's configuration (flags, preset, checkpoint: config.resolve), its device, what the evaluations need
+    (checked before any work), and every RNG seeded.
     Returns (cfg, the checkpoint to resume or None, device)."""
     cfg, ckpt = config.resolve(parser, argv, presets, algo)
     device = utils.select_device(cfg.device)
+    if cfg.eval:
+        check_needs(cfg)
     utils.seed_everything(cfg.seed)
     return cfg, ckpt, device
 
@@ -44,6 +46,9 @@ def build_networks(make, cfg, images, device):
     """make(cfg, img_shape) -> the networks, G first. Built on the meta device first (no memory, no random numbers)
     to estimate what training them needs, refused in one line if it cannot fit; then built for real (initialized on
     the CPU, as always) and moved to the device."""
+    if cfg.batch_size > len(images):  # no full batch: an epoch would have no step
+        raise utils.UserError(f"--batch-size {cfg.batch_size} is larger than the dataset ({len(images)} images);"
+                              " use a smaller --batch-size")
     with torch.device("meta"):
         networks = make(cfg, tuple(images.shape[1:]))
     params = [sum(p.numel() for p in net.parameters()) for net in networks]
@@ -79,7 +84,7 @@ class Run:
         names their checkpoint entries have, the generator as G."""
         self.algo, self.cfg, self.images, self.device = algo, cfg, images, images.device
         self.order = EpochOrder(len(images), cfg.batch_size, cfg.seed)
-        self.evaluation = TrainingEval(cfg, self.device)  # checks up front what the evaluations need
+        self.evaluation = TrainingEval(cfg, self.device)
         self.ema = EMA(parts["G"], cfg.ema_decay) if cfg.ema_decay else None  # the generator's weight average
         self.G_sample = self.ema.model if self.ema else parts["G"]  # what the grids and evaluations draw from
         self.parts = {**parts, "order": self.order, **({"G_ema": self.ema} if self.ema else {})}  # a checkpoint's
@@ -261,14 +266,12 @@ class EpochMeans:
         return {name: mean for names, sums in self.sums.items() for name, mean in zip(names, sums / self.counts[names])}
 
 
-def check_finite(step, **values):
-    """Raise Diverged naming the first NaN/inf among named tensors (losses, or modules' parameters and buffers)."""
-    for name, value in values.items():
-        tensors = value.state_dict().items() if isinstance(value, torch.nn.Module) else [("", value)]
-        for key, tensor in tensors:
+def check_finite(step, **networks):
+    """Raise Diverged naming the first NaN/inf among the networks' parameters and buffers."""
+    for name, network in networks.items():
+        for key, tensor in network.state_dict().items():
             if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-                what = f"{name}.{key}" if key else name
-                raise utils.Diverged(step, f"{what} is not finite (NaN or inf)")
+                raise utils.Diverged(step, f"{name}.{key} is not finite (NaN or inf)")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -386,19 +389,4 @@ def log_samples(writer, run_dir, fakes, step, epoch=None):
         utils.save_grid(grid, samples / f"step_{step:07d}.png")
         return
     utils.save_grid(grid, samples / f"epoch_{epoch:03d}.png")
-    write_progress_gif(samples)
-
-
-def write_progress_gif(samples, frame_ms=300, last_frame_ms=2500):
-    """samples/progress.gif: the epoch grids in order, each labelled with its epoch, the last one held longer."""
-    frames = []
-    for path in sorted(samples.glob("epoch_*.png")):
-        with Image.open(path) as grid:
-            frame = Image.new("RGB", (grid.width, grid.height + 14))
-            frame.paste(grid.convert("RGB"), (0, 14))
-        ImageDraw.Draw(frame).text((3, 1), f"epoch {int(path.stem[len('epoch_'):])}", fill=(255, 255, 255))
-        frames.append(frame)
-    durations = [frame_ms] * (len(frames) - 1) + [last_frame_ms]
-    utils.write_atomic(samples / "progress.gif", lambda f: frames[0].save(f, format="GIF", save_all=True,
-                                                                           append_images=frames[1:],
-                                                                           duration=durations, loop=0))
+    utils.write_progress_gif(samples)

@@ -3,7 +3,7 @@
     Errors and exit codes     UserError and its kinds; run_main turns them into one stderr line and an exit code
     Flag types                value types with their ranges; an ArgumentParser whose errors are one line
     Device and seeding        select_device, optimizer_kwargs, free memory, seeds and RNG states
-    Files                     atomic writes, checkpoints and their format version, sample grids
+    Files                     atomic writes, checkpoints and their format version, sample grids, progress.gif
 """
 import argparse
 import os
@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torchvision.utils as vutils
+from PIL import Image, ImageDraw
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Errors and exit codes
@@ -203,7 +204,6 @@ class ArgumentParser(argparse.ArgumentParser):
         raise UserError(f"{message} (see --help)")
 
 
-
 # ----------------------------------------------------------------------------------------------------------------------
 # Device and seeding
 
@@ -273,7 +273,6 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-
 # ----------------------------------------------------------------------------------------------------------------------
 # Files
 
@@ -341,3 +340,17 @@ def save_grid(grid, path):
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     write_atomic(path, lambda f: vutils.save_image(grid, f, format="png"))
 
+
+def write_progress_gif(samples, frame_ms=300, last_frame_ms=2500):
+    """samples/progress.gif: the epoch grids in order, each labelled with its epoch, the last one held longer."""
+    frames = []
+    for path in sorted(samples.glob("epoch_*.png")):
+        with Image.open(path) as grid:
+            frame = Image.new("RGB", (grid.width, grid.height + 14))
+            frame.paste(grid.convert("RGB"), (0, 14))
+        ImageDraw.Draw(frame).text((3, 1), f"epoch {int(path.stem[len('epoch_'):])}", fill=(255, 255, 255))
+        frames.append(frame)
+    durations = [frame_ms] * (len(frames) - 1) + [last_frame_ms]
+    write_atomic(samples / "progress.gif", lambda f: frames[0].save(f, format="GIF", save_all=True,
+                                                                     append_images=frames[1:], duration=durations,
+                                                                     loop=0))

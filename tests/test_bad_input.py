@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
+import data
 import train_vanilla_gan
 import train_wgan
-import data
 import utils
 from conftest import SMALL_VANILLA, make_dataset, write_idx
 

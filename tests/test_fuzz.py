@@ -30,8 +30,8 @@ import bench
 import evaluate
 import plot
 import train_vanilla_gan
-import training
 import train_wgan
+import training
 import utils
 from conftest import SMALL_VANILLA, SMALL_WGAN, make_dataset
 

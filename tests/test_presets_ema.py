@@ -13,7 +13,7 @@ import train_vanilla_gan
 import train_wgan
 import utils
 from conftest import SMALL_WGAN, run_script
-from models import EMA, Discriminator, Generator, WGANGenerator
+from models import EMA, Generator, WGANGenerator
 
 def resolve(module, argv):
     """The configuration a script's main() trains with, for a command line (no resume)."""
