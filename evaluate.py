@@ -59,42 +59,45 @@ def to_input(images_uint8):
 
 @torch.no_grad()
 def predict(model, images_uint8, device, batch=1000):
-    """(features N x 128, class probabilities N x 10) as float64 numpy arrays."""
+    """(features N x 128, class probabilities N x 10) as float64 numpy arrays (float64 on the CPU: MPS has none)."""
     model.eval()
     feats, probs = [], []
     for i in range(0, len(images_uint8), batch):
         f = model.features(to_input(images_uint8[i:i + batch].to(device)))
-        feats.append(f.double().cpu())
-        probs.append(F.softmax(model.head(f), dim=1).double().cpu())
+        feats.append(f.cpu().double())
+        probs.append(F.softmax(model.head(f), dim=1).cpu().double())
     return torch.cat(feats).numpy(), torch.cat(probs).numpy()
 
 
 def train_classifier(dataset, data_root, device, epochs=CLASSIFIER_EPOCHS, seed=0, progress=True):
-    """Train with a fixed seed on the train split; returns (model, test accuracy). The caller's RNG is left alone."""
+    """Train with a fixed seed on the train split; returns (model, test accuracy). The training's generators, on the CPU
+    and on every device, are left alone: the layers draw their init from the CPU generator seeded here and restored
+    after (not torch.manual_seed, which would reseed every device too), the batch order from a generator of its own."""
     train_x, train_y = load_split(dataset, data_root, "train")
     test_x, test_y = load_split(dataset, data_root, "test")
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = Classifier().to(device)
-        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-        order = torch.Generator().manual_seed(seed)
-        batch = min(128, len(train_x))
-        steps = epochs * (len(train_x) // batch)
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps)
-        x_all, y_all = train_x.to(device), train_y.long().to(device)
-        bar = tqdm(total=steps, desc=f"training the {dataset} classifier", disable=not progress, leave=False)
-        for _ in range(epochs):
-            perm = torch.randperm(len(x_all), generator=order).to(device)
-            for i in range(len(x_all) // batch):
-                idx = perm[i * batch:(i + 1) * batch]
-                model.train()
-                loss = F.cross_entropy(model(to_input(x_all[idx])), y_all[idx])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-                bar.update()
-        bar.close()
+        torch.default_generator.manual_seed(seed)
+        model = Classifier()
+    model.to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    order = torch.Generator().manual_seed(seed)
+    batch = min(128, len(train_x))
+    steps = epochs * (len(train_x) // batch)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps)
+    x_all, y_all = train_x.to(device), train_y.long().to(device)
+    bar = tqdm(total=steps, desc=f"training the {dataset} classifier", disable=not progress, leave=False)
+    for _ in range(epochs):
+        perm = torch.randperm(len(x_all), generator=order).to(device)
+        for i in range(len(x_all) // batch):
+            idx = perm[i * batch:(i + 1) * batch]
+            model.train()
+            loss = F.cross_entropy(model(to_input(x_all[idx])), y_all[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            bar.update()
+    bar.close()
     _, probs = predict(model, test_x, device)
     accuracy = float((probs.argmax(1) == test_y.numpy()).mean())
     return model, accuracy
@@ -107,7 +110,8 @@ def load_classifier(dataset, data_root, device, progress=True):
         try:
             saved = torch.load(path, map_location="cpu", weights_only=True)
             with torch.random.fork_rng(devices=[]):  # building the layers draws random inits: not from training's RNG
-                model = Classifier().to(device)
+                model = Classifier()
+            model.to(device)
             model.load_state_dict(saved["state_dict"])
             return model, saved["test_accuracy"]
         except Exception:
@@ -225,7 +229,8 @@ def sample(G, z_dim, n, device, seed=0, batch=1000, img_size=28):
     256 MiB."""
     batch = min(batch, max(1, 2**28 // (4 * max(img_size**2, z_dim))))
     gen = torch.Generator(device=device).manual_seed(seed)
-    out = [to_uint8_28(generate(G, torch.randn(min(batch, n - i), z_dim, device=device, generator=gen))).cpu()
+    # to the CPU before resizing: antialiased interpolation is missing on MPS in older torch releases
+    out = [to_uint8_28(generate(G, torch.randn(min(batch, n - i), z_dim, device=device, generator=gen)).cpu())
            for i in range(0, n, batch)]
     return torch.cat(out)
 

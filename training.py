@@ -96,7 +96,7 @@ class Run:
             if ckpt:
                 for name, part in self.parts.items():
                     part.load_state_dict(ckpt[name])
-                utils.set_rng_state(ckpt["rng"])
+                utils.set_rng_state(ckpt["rng"], self.device)
                 self.fixed_noise, self.step = ckpt["fixed_noise"].to(self.device), ckpt["step"]
                 self.saved_step = self.step
                 print(f"resuming {self.run_dir} at step {self.step} (epoch {self.order.epoch + 1}, batch"
@@ -221,7 +221,7 @@ class Run:
         networks = {name: part for name, part in self.parts.items() if isinstance(part, torch.nn.Module)}
         check_finite(self.step, **networks)
         state = {"format": utils.CHECKPOINT_FORMAT, "algo": self.algo, "args": self.cfg.as_dict(), "step": self.step,
-                 "fixed_noise": self.fixed_noise.cpu(), "rng": utils.rng_state(),
+                 "fixed_noise": self.fixed_noise.cpu(), "rng": utils.rng_state(self.device),
                  **{name: part.state_dict() for name, part in self.parts.items()}}
         utils.save_checkpoint(state, self.run_dir / utils.CHECKPOINT)
         self.saved_step = self.step

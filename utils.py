@@ -209,17 +209,36 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def select_device(name):
+    """--device as a torch.device (auto: CUDA, else MPS, else the CPU); a missing device, or a GPU that this PyTorch
+    build has no kernels for, is refused in one line."""
     if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA device is available; use --device cpu or auto")
-    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise UserError("--device mps: MPS is not available; use --device cpu or auto")
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError("--device cuda: no CUDA device is available; use --device cpu")
+        check_cuda_kernels()
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise UserError("--device mps: MPS is not available; use --device cpu")
     return torch.device(name)
+
+
+def check_cuda_kernels():
+    """A GPU that the installed PyTorch has no kernels for (an older card) fails at its first kernel with a traceback;
+    refuse it before any work. Kernels built for sm_XY run on compute capability X.y for y >= Y; PTX (compute_XY) is
+    compiled for X.Y and up."""
+    arch = torch.cuda.get_arch_list()
+    major, minor = torch.cuda.get_device_capability()
+    device = 10 * major + minor
+
+    def runs(code):
+        kind, version = code.split("_", 1)
+        version = int(version.rstrip("af"))
+        return device >= version and (kind == "compute" or device // 10 == version // 10)
+
+    if arch and not any(runs(code) for code in arch):
+        raise UserError(f"the GPU {torch.cuda.get_device_name()} has compute capability {major}.{minor}, but this PyTorch"
+                        f" {torch.__version__} has kernels for {' '.join(arch)} only; use --device cpu, or install a"
+                        " PyTorch build for your GPU (https://pytorch.org/get-started/locally/)", EXIT_DATA)
 
 
 def optimizer_kwargs(device, fused=True):
@@ -254,23 +273,33 @@ def check_memory(need, device, what, fix):
 
 
 def seed_everything(seed):
+    """The one place that seeds the training's generators: Python's, NumPy's, and torch's on the CPU and every device
+    (torch.manual_seed). A seeded side computation (the evaluation's classifier, EMA calibration, sampling) uses a
+    generator of its own and never calls this."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
 
 
-def rng_state():
-    """The torch RNG states (noise comes from them; Python's and NumPy's RNGs are not used while training)."""
-    state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+def rng_state(device):
+    """The states of the generators a run draws from: the CPU's and its device's, nothing else (not the other GPUs':
+    a checkpoint resumes on a machine with fewer; a CPU run touches no GPU). Python's and NumPy's are not drawn from."""
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    elif device.type == "mps":
+        state["mps"] = torch.mps.get_rng_state()
     return state
 
 
-def set_rng_state(state):
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def set_rng_state(state, device):
+    """Restore rng_state(). A device generator's state is restored on a device of the same type; resumed on another
+    type (a CPU checkpoint on a GPU), the device's generator stays as seed_everything left it."""
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+    elif device.type == "mps" and "mps" in state:
+        torch.mps.set_rng_state(state["mps"])
 
 
 # ----------------------------------------------------------------------------------------------------------------------

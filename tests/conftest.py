@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -59,6 +60,8 @@ def run_script(script, *args, cwd=None, timeout=240, env_extra=None):
     """Run a training script as a subprocess; returns CompletedProcess with text output."""
     env = subprocess_env()
     env.update(env_extra or {})
+    if script != "plot.py" and "--device" not in args:
+        args = (*args, "--device", DEVICE)
     return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], capture_output=True, text=True,
                           cwd=cwd, timeout=timeout, env=env)
 
@@ -82,7 +85,19 @@ def start_hooked(script, at, action, *args):
                             stderr=subprocess.PIPE, text=True, env=env)
 
 
+# The device of the end-to-end runs: the CPU, unless TEST_DEVICE names another (TEST_DEVICE=cuda python -m pytest -q).
+DEVICE = os.environ.get("TEST_DEVICE", "cpu")
 SMALL_VANILLA = ["--batch-size", "16", "--g-hidden", "32", "--d-hidden", "16", "--z-dim", "8", "--no-progress",
-                 "--eval-n", "64"]
+                 "--eval-n", "64", "--device", DEVICE]
 SMALL_WGAN = ["--batch-size", "16", "--g-widths", "16", "32", "--critic-widths", "32", "16", "--z-dim", "8",
-              "--n-critic", "3", "--no-progress", "--eval-n", "64"]
+              "--n-critic", "3", "--no-progress", "--eval-n", "64", "--device", DEVICE]
+
+
+def assert_same(a, b, what=""):
+    """Two runs of the same computation: bit-identical on the CPU. On a GPU or a Mac the same program may round
+    differently from one run to the next (cuBLAS and cuDNN pick kernels by timing, atomics sum in any order), so
+    there they agree within float32 rounding grown over a short run."""
+    if DEVICE == "cpu":
+        assert torch.equal(a, b), what
+    else:
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6), what

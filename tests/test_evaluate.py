@@ -10,7 +10,7 @@ from scipy import linalg
 import evaluate
 import train_wgan
 import utils
-from conftest import SMALL_WGAN
+from conftest import DEVICE, SMALL_WGAN
 
 
 def closed_form_fid(mu1, s1, mu2, s2):
@@ -82,7 +82,7 @@ def test_evaluate_cli_exports_grid_and_json(tmp_path, data_root, capsys):
     capsys.readouterr()
     out_npz, grid = tmp_path / "s.npz", tmp_path / "g.png"
     utils.run_main(evaluate.main, [str(tmp_path / "w"), "--n", "70", "--json", "--export", str(out_npz),
-                                   "--grid", str(grid), "--device", "cpu"])
+                                   "--grid", str(grid), "--device", DEVICE])
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["n"] == 70 and result["step"] == 4 and set(evaluate.FORMATS) <= set(result["metrics"])
     assert result["real"]["fid"] < result["metrics"]["fid"]
@@ -120,6 +120,6 @@ def test_interpolation_rows_walk_between_the_generators_outputs_at_two_seeded_po
     assert not torch.equal(rows[:, 4], first) and not torch.equal(rows[:, 4], last)  # the middle: neither end
     out = tmp_path / "interp.png"
     utils.run_main(evaluate.main, [str(tmp_path / "w"), "--n", "40", "--no-floor", "--interpolate", str(out),
-                                   "--device", "cpu"])
+                                   "--device", DEVICE])
     with Image.open(out) as png:
         assert png.size == (10 * 30 + 2, 8 * 30 + 2)

@@ -12,7 +12,7 @@ import evaluate
 import train_vanilla_gan
 import train_wgan
 import utils
-from conftest import SMALL_WGAN, run_script
+from conftest import DEVICE, SMALL_WGAN, run_script
 from models import EMA, Generator, WGANGenerator
 
 def resolve(module, argv):
@@ -213,7 +213,7 @@ def test_evaluate_scores_the_ema_weights_and_raw_the_trained_ones(tmp_path, data
     results = {}
     for flags in ([], ["--raw"]):
         utils.run_main(evaluate.main, [str(tmp_path / "c.pt"), "--data-root", str(data_root), "--n", "40", "--json",
-                                       "--no-floor", "--device", "cpu", *flags])
+                                       "--no-floor", "--device", DEVICE, *flags])
         result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
         results[result["weights"]] = result["metrics"]["fid"]
     assert set(results) == {"ema", "raw"} and results["ema"] != results["raw"]

@@ -7,7 +7,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import SMALL_VANILLA, SMALL_WGAN, run_hooked, run_script, start_hooked
+from conftest import SMALL_VANILLA, SMALL_WGAN, assert_same, run_hooked, run_script, start_hooked
 
 SCRIPTS = {"vanilla": ("train_vanilla_gan", SMALL_VANILLA, ("G", "D"), "loss/D"),
            "wgan": ("train_wgan", SMALL_WGAN, ("G", "C"), "loss/critic")}
@@ -25,11 +25,11 @@ def assert_same_state(a, b, nets):
     assert a["step"] == b["step"]
     for net in nets:
         for key, value in a[net].items():
-            assert torch.equal(value, b[net][key]), f"{net}.{key}"
+            assert_same(value, b[net][key], f"{net}.{key}")
     for opt in [k for k in a if k.startswith("opt_")]:
         for pid, state in a[opt]["state"].items():
             for key, value in state.items():
-                assert torch.equal(value, b[opt]["state"][pid][key]), f"{opt}.{pid}.{key}"
+                assert_same(value, b[opt]["state"][pid][key], f"{opt}.{pid}.{key}")
 
 
 @pytest.fixture

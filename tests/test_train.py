@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import SMALL_VANILLA, SMALL_WGAN, run_hooked, run_script
+from conftest import SMALL_VANILLA, SMALL_WGAN, assert_same, run_hooked, run_script
 
 SCRIPTS = {
     "vanilla": ("train_vanilla_gan.py", SMALL_VANILLA, ["loss/D", "loss/G", "D(x)", "D(G(z))"]),
@@ -94,11 +94,11 @@ def test_sigkill_then_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, 
     assert not torch.equal(a["G_ema"]["net.0.weight"], a["G"]["net.0.weight"])  # an average, not G
     for net in [k for k in a if k in ("G", "D", "C", "G_ema")]:
         for key in a[net]:
-            assert torch.equal(a[net][key], b[net][key]), f"{net}.{key} differs (killed at {kill_at})"
+            assert_same(a[net][key], b[net][key], f"{net}.{key} differs (killed at {kill_at})")
     for opt in [k for k in a if k.startswith("opt_")]:
         for pid, state in a[opt]["state"].items():
             for key, value in state.items():
-                assert torch.equal(value, b[opt]["state"][pid][key])
+                assert_same(value, b[opt]["state"][pid][key], f"{opt}.{pid}.{key}")
     steps = [e.step for e in events(tmp_path / "b" / "r").Scalars(scalars[0])]
     assert steps == list(range(1, 25)), f"TensorBoard steps doubled or missing (killed at {kill_at})"
 
@@ -146,4 +146,4 @@ def test_evaluations_during_training_do_not_change_the_training(tmp_path, data_r
         a = load(tmp_path / other)
         for net in [k for k in a if k in ("G", "D", "C", "G_ema")]:
             for key in a[net]:
-                assert torch.equal(a[net][key], b[net][key]), f"run {other}: {net}.{key}"
+                assert_same(a[net][key], b[net][key], f"run {other}: {net}.{key}")

@@ -1,0 +1,163 @@
+"""The CUDA and MPS paths, on the CPU: both scripts and evaluate.py run on a fake accelerator (tests/fake_device.py)
+that reports a device, draws the device's random numbers from the device's own generators, raises where the device
+would, and records seeding, RNG-state calls, host syncs and tensors made on the CPU."""
+import json
+import shutil
+
+import pytest
+import torch
+
+import bench
+import evaluate
+import train_vanilla_gan
+import train_wgan
+import training
+import utils
+from conftest import SMALL_VANILLA, SMALL_WGAN
+from fake_device import FakeDevice
+from models import Critic, Discriminator, Generator, WGANGenerator
+
+SCRIPTS = {"vanilla": (train_vanilla_gan, SMALL_VANILLA), "wgan": (train_wgan, SMALL_WGAN)}
+SEEDING = {"manual_seed", "manual_seed_all", "mps.manual_seed"}
+
+
+def without_device(flags):
+    """The SMALL flags without their --device (the fake device is chosen here)."""
+    i = flags.index("--device")
+    return flags[:i] + flags[i + 2:]
+
+
+def run(module, argv):
+    """main() in-process as its command line would run it; returns the exit code (0 when it returns)."""
+    try:
+        utils.run_main(module.main, [str(a) for a in argv])
+    except SystemExit as e:
+        return e.code
+    return 0
+
+
+def train(fake, algo, data_root, runs, name, *flags):
+    module, small = SCRIPTS[algo]
+    with fake:
+        return run(module, ["--data-root", data_root, "--runs-dir", runs, "--run-name", name, *without_device(small),
+                            "--device", fake.kind, *flags])
+
+
+def networks(path):
+    ckpt = torch.load(path / "checkpoint.pt", weights_only=True)
+    return {f"{net}.{key}": value for net in ("G", "D", "C", "G_ema") if net in ckpt for key, value in ckpt[net].items()}
+
+
+@pytest.mark.parametrize("kind", ["cuda", "mps"])
+@pytest.mark.parametrize("algo", ["vanilla", "wgan"])
+def test_evaluations_mid_run_never_reseed_the_device_and_leave_the_training_as_it_was(tmp_path, data_root, kind,
+                                                                                    algo):
+    """The first --eval-every evaluation trains the classifier mid-run (no cached one in a fresh data root): the
+    device's generator is seeded once, at setup, and the run ends with the same networks as with --no-eval."""
+    with_eval, no_eval = FakeDevice(kind), FakeDevice(kind)
+    assert train(with_eval, algo, data_root, tmp_path, "e", "--epochs", "2", "--eval-every", "1") == 0
+    assert train(no_eval, algo, data_root, tmp_path, "n", "--epochs", "2", "--no-eval") == 0
+    assert len(list((data_root / "classifiers").glob("*.pt"))) == 1  # trained by run e, mid-run
+    for fake in (with_eval, no_eval):
+        seeds = [(what, where) for what, where in fake.of("seeding") if what in SEEDING]
+        assert len(seeds) == 1 and seeds[0][1].startswith("utils.py:"), seeds  # seed_everything, at setup
+    a, b = networks(tmp_path / "e"), networks(tmp_path / "n")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), \
+        [k for k in a if not torch.equal(a[k], b[k])]
+
+
+@pytest.mark.parametrize("algo", ["vanilla", "wgan"])
+def test_a_step_that_neither_logs_nor_checkpoints_makes_no_host_sync_and_no_cpu_tensor(tmp_path, data_root, algo,
+                                                                                     monkeypatch):
+    batches = training.Run.epoch_batches
+    fakes = []
+
+    def tracked(self):  # the phase "step": from a batch's start to the end of run.after_step()
+        for item in batches(self):
+            fakes[-1].phase = "step"
+            yield item
+            fakes[-1].phase = None
+
+    monkeypatch.setattr(training.Run, "epoch_batches", tracked)
+    for name, log_every in (("quiet", 1000), ("logging", 2)):
+        fakes.append(FakeDevice("cuda"))
+        assert train(fakes[-1], algo, data_root, tmp_path, name, "--max-steps", "6", "--log-every", log_every,
+                     "--checkpoint-every", "0", "--no-eval") == 0
+    quiet, logging = fakes
+    assert quiet.of("sync", "step") == [] and quiet.of("cpu-tensor", "step") == []
+    assert quiet.of("sync")  # the syncs of the epoch's end (means, grid, checkpoint) are seen
+    # the recorder sees a step's syncs: logging every 2 steps reads the losses on the host at steps 2, 4, 6
+    assert {where.split(":")[0] for _, where in logging.of("sync", "step")} == {"training.py"}
+
+
+def test_every_tensor_a_step_makes_is_on_the_device():
+    """The step functions on the device: a CPU tensor mixed into a device op raises, as on a GPU; none is made."""
+    with FakeDevice("cuda") as fake:
+        device = torch.device("cuda")
+        G, D = Generator(8, 784, [16]).to(device), Discriminator(784, [16], dropout=0.3).to(device)
+        opt_G, opt_D = (torch.optim.Adam(n.parameters(), **utils.optimizer_kwargs(device)) for n in (G, D))
+        W, C = WGANGenerator(8, (1, 28, 28), (16, 32)).to(device), Critic((1, 28, 28), (32, 16)).to(device)
+        opt_W, opt_C = (torch.optim.RMSprop(n.parameters(), **utils.optimizer_kwargs(device, fused=False))
+                        for n in (W, C))
+        real, z = torch.rand(4, 1, 28, 28, device=device) * 2 - 1, torch.randn(4, 8, device=device)
+        fake.phase = "step"
+        outputs = [*train_vanilla_gan.train_step(G, D, opt_G, opt_D, real, z),
+                   train_wgan.critic_step(W, C, opt_C, real, z, 0.01), train_wgan.generator_step(W, C, opt_W, z)]
+        fake.phase = None
+        assert fake.of("cpu-tensor") == [] and fake.of("sync") == []
+        assert all(t.device.type == "cuda" for t in outputs)
+        for opt in (opt_G, opt_D, opt_W, opt_C):
+            assert all(v.device.type == "cuda" for state in opt.state.values() for v in state.values()
+                       if isinstance(v, torch.Tensor) and v.dim() > 0)
+        with pytest.raises(RuntimeError, match="same device"):  # the fake device catches a CPU tensor in a step
+            D(torch.rand(4, 784))
+
+
+@pytest.mark.parametrize("algo", ["vanilla", "wgan"])
+def test_checkpoints_move_between_machines_with_other_gpu_counts_and_the_cpu(tmp_path, data_root, algo):
+    assert train(FakeDevice("cuda", count=2), algo, data_root, tmp_path, "gpus", "--max-steps", "4", "--no-eval") == 0
+    shutil.copytree(tmp_path / "gpus", tmp_path / "gpus-again")
+    one = FakeDevice("cuda", count=1)
+    with one:  # a 2-GPU machine's checkpoint on a 1-GPU machine
+        assert run(SCRIPTS[algo][0], ["--resume", tmp_path / "gpus", "--max-steps", "8", "--no-progress"]) == 0
+    assert [what for what, _ in one.of("seeding") if "rng_state" in what] == ["set_rng_state", "get_rng_state"]
+    assert run(SCRIPTS[algo][0], ["--resume", tmp_path / "gpus-again", "--max-steps", "8", "--device", "cpu",
+                                  "--no-progress"]) == 0  # ... and on the CPU
+    cpu_on_gpu_machine = FakeDevice("cuda", count=2)
+    assert train(cpu_on_gpu_machine, algo, data_root, tmp_path, "cpu", "--max-steps", "4", "--no-eval",
+                 "--device", "cpu") == 0
+    assert cpu_on_gpu_machine.of("device-init") == []  # a CPU run opens no CUDA context: no memory query, no RNG state
+    assert [what for what, _ in cpu_on_gpu_machine.of("seeding") if "rng_state" in what] == []
+    with FakeDevice("cuda"):  # a CPU checkpoint on a GPU
+        assert run(SCRIPTS[algo][0], ["--resume", tmp_path / "cpu", "--max-steps", "8", "--device", "cuda",
+                                      "--no-progress"]) == 0
+    for name in ("gpus", "gpus-again", "cpu"):
+        assert torch.load(tmp_path / name / "checkpoint.pt", weights_only=True)["step"] == 8
+
+
+@pytest.mark.parametrize("algo", ["vanilla", "wgan"])
+def test_a_whole_run_and_evaluate_py_on_a_mac(tmp_path, data_root, algo, capsys):
+    """MPS has no float64 (the fake raises on any); the run, its evaluations and evaluate.py stay in float32 there."""
+    assert train(FakeDevice("mps"), algo, data_root, tmp_path, "m", "--epochs", "2", "--eval-every", "1",
+                 "--img-size", "32") == 0
+    assert json.loads((tmp_path / "m" / "metrics.json").read_text())["step"] == 16
+    capsys.readouterr()
+    with FakeDevice("mps"):
+        assert run(evaluate, [tmp_path / "m", "--n", "64", "--json", "--device", "mps"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["metrics"]["fid"] > 0
+
+
+def test_a_gpu_the_installed_torch_has_no_kernels_for_is_one_line_naming_its_capability(tmp_path, data_root, capsys):
+    code = train(FakeDevice("cuda", capability=(3, 7)), "wgan", data_root, tmp_path, "old", "--max-steps", "2")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1 and "compute capability 3.7" in err[0] and "--device cpu" in err[0], err
+    assert not (tmp_path / "old").exists()
+    assert train(FakeDevice("cuda", capability=(8, 6)), "wgan", data_root, tmp_path, "new", "--max-steps", "2",
+                 "--no-eval") == 0  # sm_80 kernels run on 8.6
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is there")
+def test_bench_without_a_gpu_suggests_a_device_it_accepts(capsys):
+    assert run(bench, ["--device", "cuda"]) == 2
+    err = capsys.readouterr().err
+    assert "--device cuda: no CUDA device is available; use --device cpu" in err and "auto" not in err
