@@ -236,9 +236,9 @@ def check_cuda_kernels():
         return device >= version and (kind == "compute" or device // 10 == version // 10)
 
     if arch and not any(runs(code) for code in arch):
-        raise UserError(f"the GPU {torch.cuda.get_device_name()} has compute capability {major}.{minor}, but this PyTorch"
-                        f" {torch.__version__} has kernels for {' '.join(arch)} only; use --device cpu, or install a"
-                        " PyTorch build for your GPU (https://pytorch.org/get-started/locally/)", EXIT_DATA)
+        raise UserError(f"the GPU {torch.cuda.get_device_name()} has compute capability {major}.{minor}, but this"
+                        f" PyTorch {torch.__version__} has kernels for {' '.join(arch)} only; use --device cpu, or"
+                        " install a PyTorch build for your GPU (https://pytorch.org/get-started/locally/)", EXIT_DATA)
 
 
 def optimizer_kwargs(device, fused=True):

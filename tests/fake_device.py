@@ -42,7 +42,8 @@ MAY_MIX = {torch.Tensor.copy_, torch.Tensor.to, torch.Tensor.__getitem__, torch.
            torch.Tensor.data.__set__, torch._has_compatible_shallow_copy_type}
 REAL_GENERATOR = torch.Generator
 DATA_SET = torch.Tensor.data.__set__
-DEVICE_GET, IS_CUDA_GET, IS_MPS_GET = torch.Tensor.device.__get__, torch.Tensor.is_cuda.__get__, torch.Tensor.is_mps.__get__
+DEVICE_GET, IS_CUDA_GET = torch.Tensor.device.__get__, torch.Tensor.is_cuda.__get__
+IS_MPS_GET = torch.Tensor.is_mps.__get__
 
 
 class NotCapturing:
@@ -62,6 +63,9 @@ def our_frame():
 
 
 class FakeDevice(TorchFunctionMode):
+    """kind: "cuda" (count GPUs of the given compute capability) or "mps". A context manager; see the module's
+    docstring."""
+
     def __init__(self, kind="cuda", count=1, capability=(8, 0)):
         super().__init__()
         self.kind, self.count, self.capability = kind, count, capability
@@ -93,8 +97,7 @@ class FakeDevice(TorchFunctionMode):
             weakref.finalize(t, self.marked.discard, id(t))
 
     def is_fake(self, device):
-        return device is not None and torch.device(device).type == self.kind if isinstance(device, (str, torch.device)) \
-            else False
+        return isinstance(device, (str, torch.device)) and torch.device(device).type == self.kind
 
     # -- patches of torch.cuda / torch.mps ------------------------------------------------------------------------
 
@@ -146,8 +149,9 @@ class FakeDevice(TorchFunctionMode):
             patch.setattr(cuda, "get_rng_state_all", seeding("get_rng_state_all",
                                                              lambda: [g.get_state() for g in fake.generators]))
             patch.setattr(cuda, "set_rng_state_all", seeding("set_rng_state_all", set_all))
-            patch.setattr(torch.accelerator, "current_accelerator", lambda check_available=False: torch.device("cuda"))
-            patch.setattr(torch.accelerator, "current_stream", lambda device=None: NotCapturing())
+            if hasattr(torch, "accelerator"):  # optimizers ask it whether a CUDA graph is being captured (torch 2.6+)
+                patch.setattr(torch.accelerator, "current_accelerator", lambda check_available=False: self.device)
+                patch.setattr(torch.accelerator, "current_stream", lambda device=None: NotCapturing())
         else:
             patch.setattr(torch.backends.mps, "is_available", lambda: True)
             patch.setattr(torch.mps, "manual_seed", lambda s: (fake.record("seeding", "mps.manual_seed"),

@@ -45,7 +45,8 @@ def train(fake, algo, data_root, runs, name, *flags):
 
 def networks(path):
     ckpt = torch.load(path / "checkpoint.pt", weights_only=True)
-    return {f"{net}.{key}": value for net in ("G", "D", "C", "G_ema") if net in ckpt for key, value in ckpt[net].items()}
+    return {f"{net}.{key}": value for net in ("G", "D", "C", "G_ema") if net in ckpt
+            for key, value in ckpt[net].items()}
 
 
 @pytest.mark.parametrize("kind", ["cuda", "mps"])
