@@ -149,7 +149,8 @@ class FakeDevice(TorchFunctionMode):
             patch.setattr(cuda, "get_rng_state_all", seeding("get_rng_state_all",
                                                              lambda: [g.get_state() for g in fake.generators]))
             patch.setattr(cuda, "set_rng_state_all", seeding("set_rng_state_all", set_all))
-            if hasattr(torch, "accelerator"):  # optimizers ask it whether a CUDA graph is being captured (torch 2.6+)
+            patch.setattr(cuda, "is_current_stream_capturing", lambda: False)  # optimizers ask (older torch)
+            if hasattr(torch, "accelerator"):  # ... or this (newer torch)
                 patch.setattr(torch.accelerator, "current_accelerator", lambda check_available=False: self.device)
                 patch.setattr(torch.accelerator, "current_stream", lambda device=None: NotCapturing())
         else:
