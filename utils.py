@@ -225,7 +225,9 @@ def select_device(name):
 def check_cuda_kernels():
     """A GPU that the installed PyTorch has no kernels for (an older card) fails at its first kernel with a traceback;
     refuse it before any work. Kernels built for sm_XY run on compute capability X.y for y >= Y; PTX (compute_XY) is
-    compiled for X.Y and up."""
+    compiled for X.Y and up. (ROCm builds name AMD architectures instead: not checked, as torch does not.)"""
+    if torch.version.cuda is None:
+        return
     arch = torch.cuda.get_arch_list()
     major, minor = torch.cuda.get_device_capability()
     device = 10 * major + minor

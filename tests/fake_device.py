@@ -4,18 +4,24 @@ torch.cuda (or torch.backends.mps and torch.mps) is patched to answer as if the 
 TorchFunctionMode makes tensors report that device while they compute on the CPU:
 
 - `device=` of factory functions, `.to()` and `.cuda()` put tensors on the fake device (a CPU copy, marked); what is
-  computed from a marked tensor is marked; `tensor.device` / `is_cuda` / `is_mps` answer for it.
+  computed from a marked tensor is marked (an in-place op keeps its tensor's device); `tensor.device` / `is_cuda` /
+  `is_mps` answer for it; `torch.Generator(device=...)` remembers its device.
 - Random numbers drawn on the fake device come from the device's own generators (one per fake GPU), which
   `torch.manual_seed`, `torch.cuda.manual_seed_all`, `get_rng_state`, `set_rng_state`... seed, read and set, as on
   real hardware: a stray reseeding of the device changes what a run computes.
-- As a real device would, it raises on an op that mixes a device tensor with a CPU tensor (other than a 0-d one or a
-  copy), on `.numpy()` of a device tensor, and, for MPS, on any float64 tensor on the device.
+- As a real device would, it raises on a torch function that mixes a device tensor with a CPU tensor of one or more
+  dimensions (copies and indexing a device tensor excepted), on a CPU tensor indexed by a device tensor, on a
+  generator of the other device, on `.numpy()` or `np.asarray` of a device tensor, and, for MPS, on any float64 tensor
+  on the device.
 - It records, with the file and line in this repository that made them: calls that seed or read/set the device's RNG
-  state (`seeding`), calls that initialize the device (`device-init`), host syncs (`.item()`, `float()`, `bool()`,
-  `.tolist()`, `.cpu()` of a device tensor...: `sync`), and tensors of one or more dimensions made on the CPU by a
-  factory while `phase` is set (`cpu-tensor`).
+  state (`seeding`), calls that initialize the device (`device-init`), host syncs (`sync`: `.item()`, `float()`,
+  `bool()`, `.tolist()`, `.cpu()`, `torch.equal`... of a device tensor), and tensors of one or more dimensions made on
+  the CPU by a factory while `phase` is set (`cpu-tensor`).
 
-Use: `with FakeDevice("cuda", count=2) as fake: ...`, then look at `fake.calls`.
+What it cannot see: calls that torch makes inside another torch function (the mode is off there), real kernels and
+their rounding, speed and memory.
+
+Use: `with FakeDevice("cuda", count=2) as fake: ...`, then look at `fake.calls` (or `fake.of(kind)`).
 """
 import contextlib
 import traceback
@@ -29,21 +35,22 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
 ROOT = Path(__file__).resolve().parents[1]
-HERE = Path(__file__).resolve()
+REAL_GENERATOR = torch.Generator
+ARCH_LIST = ["sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120"]  # what the fake wheel has kernels for
 
 FACTORIES = {torch.ones, torch.zeros, torch.empty, torch.full, torch.randn, torch.rand, torch.randint, torch.randperm,
              torch.arange, torch.linspace, torch.tensor, torch.as_tensor, torch.eye, torch.normal}
 RANDOM = {torch.randn, torch.rand, torch.randint, torch.randperm, torch.normal, torch.bernoulli, torch.multinomial,
           torch.randn_like, torch.rand_like, torch.randint_like, F.dropout, torch.dropout, torch.Tensor.normal_,
           torch.Tensor.uniform_, torch.Tensor.bernoulli_, torch.Tensor.random_, torch.Tensor.exponential_}
-SYNCS = {torch.Tensor.item, torch.Tensor.__float__, torch.Tensor.__bool__, torch.Tensor.__int__, torch.Tensor.tolist,
-         torch.Tensor.__index__, torch.Tensor.nonzero}
-MAY_MIX = {torch.Tensor.copy_, torch.Tensor.to, torch.Tensor.__getitem__, torch.Tensor.__setitem__,
-           torch.Tensor.data.__set__, torch._has_compatible_shallow_copy_type}
-REAL_GENERATOR = torch.Generator
+SYNCS = {torch.Tensor.item, torch.Tensor.__float__, torch.Tensor.__bool__, torch.Tensor.__int__, torch.Tensor.__index__,
+         torch.Tensor.__format__, torch.Tensor.tolist, torch.Tensor.nonzero, torch.nonzero, torch.equal}
+TO_HOST = {torch.Tensor.numpy, torch.Tensor.__array__}
+INDEXING = {torch.Tensor.__getitem__, torch.Tensor.__setitem__}
+MAY_MIX = {torch.Tensor.copy_, torch.Tensor.to, torch._has_compatible_shallow_copy_type, *INDEXING}
 DATA_SET = torch.Tensor.data.__set__
-DEVICE_GET, IS_CUDA_GET = torch.Tensor.device.__get__, torch.Tensor.is_cuda.__get__
-IS_MPS_GET = torch.Tensor.is_mps.__get__
+DEVICE_GET, IS_CUDA_GET, IS_MPS_GET = torch.Tensor.device.__get__, torch.Tensor.is_cuda.__get__, \
+    torch.Tensor.is_mps.__get__
 
 
 class NotCapturing:
@@ -55,9 +62,9 @@ class NotCapturing:
 
 def our_frame():
     """'file:line' of the innermost frame in this repository's code (not the tests, not torch)."""
-    for frame in reversed(traceback.extract_stack()[:-2]):
+    for frame in reversed(traceback.extract_stack(limit=40)[:-2]):
         path = Path(frame.filename).resolve()
-        if ROOT in path.parents and path.parent.name != "tests":
+        if path.parent == ROOT:
             return f"{path.name}:{frame.lineno}"
     return "outside"
 
@@ -70,7 +77,7 @@ class FakeDevice(TorchFunctionMode):
         super().__init__()
         self.kind, self.count, self.capability = kind, count, capability
         self.device = torch.device(kind, 0) if kind == "cuda" else torch.device(kind)
-        self.generators = [torch.Generator() for _ in range(count)]  # the device's default generators
+        self.generators = [REAL_GENERATOR() for _ in range(count)]  # the device's default generators
         for g in self.generators:
             g.manual_seed(67280421310721)  # torch's default seed, as on a fresh GPU
         self.calls = []  # (kind, what, where, phase)
@@ -78,7 +85,7 @@ class FakeDevice(TorchFunctionMode):
         self.marked = set()  # ids of the tensors on the fake device
         self.patches = contextlib.ExitStack()
 
-    # -- records ---------------------------------------------------------------------------------------------------
+    # -- records and marks -----------------------------------------------------------------------------------------
 
     def record(self, kind, what):
         self.calls.append((kind, what, our_frame(), self.phase))
@@ -86,96 +93,93 @@ class FakeDevice(TorchFunctionMode):
     def of(self, kind, phase=Ellipsis):
         return [(what, where) for k, what, where, p in self.calls if k == kind and (phase is Ellipsis or p == phase)]
 
-    # -- the fake device's tensors ---------------------------------------------------------------------------------
-
     def on_device(self, t):
         return isinstance(t, torch.Tensor) and id(t) in self.marked
 
     def mark(self, t):
-        if isinstance(t, torch.Tensor) and id(t) not in self.marked:
+        if id(t) not in self.marked:
             self.marked.add(id(t))
             weakref.finalize(t, self.marked.discard, id(t))
+
+    def unmark(self, t):
+        self.marked.discard(id(t))
 
     def is_fake(self, device):
         return isinstance(device, (str, torch.device)) and torch.device(device).type == self.kind
 
-    # -- patches of torch.cuda / torch.mps ------------------------------------------------------------------------
+    # -- patches of torch.cuda / torch.mps -------------------------------------------------------------------------
+
+    def recorded(self, kind, name, action=lambda *args, **kwargs: None):
+        def call(*args, **kwargs):
+            self.record(kind, name)
+            return action(*args, **kwargs)
+        return call
+
+    def generator(self, device="cuda"):
+        index = device if isinstance(device, int) else torch.device(device).index or 0
+        return self.generators[index]  # an IndexError for a GPU that is not there, as torch
+
+    def set_all(self, states):
+        for i, state in enumerate(states):
+            self.generators[i].set_state(state)  # an IndexError with more states than GPUs, as torch
 
     def __enter__(self):
         patch = self.patches.enter_context(pytest.MonkeyPatch.context())
-        fake = self
+        seeding = lambda name, action: self.recorded("seeding", name, action)  # noqa: E731
         if self.kind == "cuda":
-            def rng_index(device="cuda"):
-                if isinstance(device, int):
-                    return device
-                device = torch.device(device)
-                return 0 if device.index is None else device.index
-
-            def initializing(name, result=None):
-                def call(*args, **kwargs):
-                    fake.record("device-init", name)
-                    return result
-                return call
-
-            def seeding(name, action):
-                def call(*args, **kwargs):
-                    fake.record("seeding", name)
-                    return action(*args, **kwargs)
-                return call
-
-            def set_all(states):
-                for i, state in enumerate(states):
-                    fake.generators[i].set_state(state)  # IndexError with more states than GPUs, as torch
-
             cuda = torch.cuda
             patch.setattr(cuda, "is_available", lambda: True)
-            patch.setattr(cuda, "device_count", lambda: fake.count)
+            patch.setattr(cuda, "device_count", lambda: self.count)
             patch.setattr(cuda, "current_device", lambda: 0)
-            patch.setattr(cuda, "get_device_capability", lambda device=None: fake.capability)
+            patch.setattr(cuda, "get_device_capability", lambda device=None: self.capability)
             patch.setattr(cuda, "get_device_name", lambda device=None: "Fake GPU")
-            patch.setattr(cuda, "mem_get_info", lambda device=None: (fake.record("device-init", "mem_get_info"),
-                                                                     (64 * 2**30, 80 * 2**30))[1])
-            patch.setattr(cuda, "synchronize", lambda device=None: fake.record("sync", "synchronize"))
-            patch.setattr(cuda, "_lazy_init", initializing("_lazy_init"))
-            patch.setattr(cuda, "manual_seed", seeding("manual_seed", lambda s: fake.generators[0].manual_seed(s)))
+            patch.setattr(cuda, "get_arch_list", lambda: ARCH_LIST)
+            patch.setattr(cuda, "mem_get_info", self.recorded("device-init", "mem_get_info",
+                                                              lambda device=None: (64 * 2**30, 80 * 2**30)))
+            patch.setattr(cuda, "_lazy_init", self.recorded("device-init", "_lazy_init"))
+            patch.setattr(cuda, "synchronize", self.recorded("sync", "synchronize"))
+            patch.setattr(cuda, "manual_seed", seeding("manual_seed",
+                                                       lambda seed: self.generators[0].manual_seed(seed)))
             patch.setattr(cuda, "manual_seed_all", seeding("manual_seed_all",
-                                                           lambda s: [g.manual_seed(s) for g in fake.generators]))
+                                                           lambda seed: [g.manual_seed(seed) for g in self.generators]))
             patch.setattr(cuda, "get_rng_state", seeding("get_rng_state",
-                                                         lambda device="cuda": fake.generators[rng_index(device)]
-                                                         .get_state()))
-            patch.setattr(cuda, "set_rng_state", seeding("set_rng_state",
-                                                         lambda state, device="cuda": fake.generators[rng_index(device)]
-                                                         .set_state(state)))
+                                                         lambda device="cuda": self.generator(device).get_state()))
+            patch.setattr(cuda, "set_rng_state", seeding("set_rng_state", lambda state, device="cuda":
+                                                          self.generator(device).set_state(state)))
+            # what the code did before it saved only its own device's state: recorded, so a test can refuse it
             patch.setattr(cuda, "get_rng_state_all", seeding("get_rng_state_all",
-                                                             lambda: [g.get_state() for g in fake.generators]))
-            patch.setattr(cuda, "set_rng_state_all", seeding("set_rng_state_all", set_all))
+                                                             lambda: [g.get_state() for g in self.generators]))
+            patch.setattr(cuda, "set_rng_state_all", seeding("set_rng_state_all", self.set_all))
             patch.setattr(cuda, "is_current_stream_capturing", lambda: False)  # optimizers ask (older torch)
             if hasattr(torch, "accelerator"):  # ... or this (newer torch)
                 patch.setattr(torch.accelerator, "current_accelerator", lambda check_available=False: self.device)
                 patch.setattr(torch.accelerator, "current_stream", lambda device=None: NotCapturing())
         else:
             patch.setattr(torch.backends.mps, "is_available", lambda: True)
-            patch.setattr(torch.mps, "manual_seed", lambda s: (fake.record("seeding", "mps.manual_seed"),
-                                                               fake.generators[0].manual_seed(s)))
-            patch.setattr(torch.mps, "get_rng_state", lambda device="mps": (fake.record("seeding", "mps.get_rng_state"),
-                                                                            fake.generators[0].get_state())[1])
-            patch.setattr(torch.mps, "set_rng_state", lambda state, device="mps": (
-                fake.record("seeding", "mps.set_rng_state"), fake.generators[0].set_state(state)))
-            patch.setattr(torch.mps, "synchronize", lambda: fake.record("sync", "synchronize"))
+            patch.setattr(torch.mps, "manual_seed", seeding("mps.manual_seed",
+                                                            lambda seed: self.generators[0].manual_seed(seed)))
+            patch.setattr(torch.mps, "get_rng_state", seeding("mps.get_rng_state",
+                                                              lambda device="mps": self.generators[0].get_state()))
+            patch.setattr(torch.mps, "set_rng_state", seeding("mps.set_rng_state", lambda state, device="mps":
+                                                              self.generators[0].set_state(state)))
+            patch.setattr(torch.mps, "synchronize", self.recorded("sync", "synchronize"))
+        fake = self
 
         class Generator(REAL_GENERATOR):
-            """A generator of the fake device is a CPU generator (the tensors it fills compute on the CPU)."""
+            """A CPU generator (the tensors it fills compute on the CPU) that remembers the device it was made for."""
 
             def __new__(cls, device="cpu"):
-                return REAL_GENERATOR.__new__(cls, "cpu")
+                generator = REAL_GENERATOR.__new__(cls, "cpu")
+                generator.on_fake_device = fake.is_fake(device)
+                return generator
 
         patch.setattr(torch, "Generator", Generator)
         deepcopy = torch.nn.Parameter.__deepcopy__
 
         def deepcopy_on_device(param, memo):  # a copy of a device parameter is on the device (the EMA's copy of G)
             copied = deepcopy(param, memo)
-            if fake.on_device(param):
-                fake.mark(copied)
+            if self.on_device(param):
+                self.mark(copied)
             return copied
 
         patch.setattr(torch.nn.Parameter, "__deepcopy__", deepcopy_on_device)
@@ -193,53 +197,34 @@ class FakeDevice(TorchFunctionMode):
         kwargs = dict(kwargs or {})
         if func == DEVICE_GET:
             return self.device if self.on_device(args[0]) else torch.device("cpu")
-        if func in (IS_CUDA_GET, IS_MPS_GET):
-            return self.on_device(args[0]) and (func is IS_CUDA_GET) == (self.kind == "cuda")
+        if func == IS_CUDA_GET or func == IS_MPS_GET:
+            return self.on_device(args[0]) and (func == IS_CUDA_GET) == (self.kind == "cuda")
+        if func == DATA_SET:  # param.data = t: the parameter is where t is
+            func(*args)
+            (self.mark if self.on_device(args[1]) else self.unmark)(args[0])
+            return None
+        if func is torch.Tensor.cuda and self.kind == "cuda":
+            func, args = torch.Tensor.to, (args[0], self.device)
+        if func is torch.Tensor.cpu:
+            func, args = torch.Tensor.to, (args[0], "cpu")
+        target = None  # where the result goes: "device" or "cpu" (None: where the inputs are)
+        if func is torch.Tensor.to:
+            args, kwargs, target = self.parse_to(args, kwargs)
+        elif self.is_fake(kwargs.get("device")):
+            kwargs["device"], target = "cpu", "device"
         tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
         on_device = [t for t in tensors if self.on_device(t)]
-        to_device = to_cpu = False
-        if "device" in kwargs and self.is_fake(kwargs["device"]):
-            kwargs["device"], to_device = "cpu", True
-        if func is torch.Tensor.to:
-            rest = list(args[1:])
-            for i, a in enumerate(rest):
-                if isinstance(a, (str, torch.device)):
-                    if self.is_fake(a):
-                        rest[i], to_device = "cpu", True
-                    else:
-                        to_cpu = True
-                elif isinstance(a, torch.Tensor):
-                    to_device, to_cpu = self.on_device(a), not self.on_device(a)
-                    rest[i] = a.dtype
-            if kwargs.get("device") is not None and not to_device:
-                to_cpu = True
-            if to_device:
-                kwargs["copy"] = not self.on_device(args[0])  # a transfer makes a new tensor, as on a real device
-            args = (args[0], *rest)
-        elif func is torch.Tensor.cuda:
-            func, args, to_device = torch.Tensor.to, (args[0], "cpu"), True
-            kwargs = {"copy": not self.on_device(args[0])}
-        elif func is torch.Tensor.cpu:
-            func, args, kwargs, to_cpu = torch.Tensor.to, (args[0], "cpu"), {}, True
-        if func is torch.Tensor.to and to_cpu and self.on_device(args[0]):
-            kwargs["copy"] = True  # a new CPU tensor, as from a real device
-        if on_device and (to_cpu or func in SYNCS):
-            self.record("sync", getattr(func, "__name__", str(func)))
-        if on_device and func is torch.Tensor.numpy:
-            raise TypeError(f"can't convert {self.device} device type tensor to numpy. Use Tensor.cpu() to copy the"
-                            " tensor to host memory first.")
-        if on_device and func not in MAY_MIX and not to_cpu:
-            for t in tensors:
-                if not self.on_device(t) and t.dim() > 0:
-                    raise RuntimeError(f"Expected all tensors to be on the same device, but found at least two devices,"
-                                       f" {self.device} and cpu! (fake device: {getattr(func, '__name__', func)})")
-        rng = None
-        if func in RANDOM and (to_device or on_device) and kwargs.get("generator") is None:
-            rng = self.generators[0]
-        out = self.call_with_rng(func, args, kwargs, rng) if rng else func(*args, **kwargs)
-        if func == DATA_SET:
-            (self.mark if self.on_device(args[1]) else self.unmark)(args[0])
-        elif to_device or (on_device and not to_cpu):
+        if on_device:
+            self.check(func, args, tensors, target)
+        generator, drawn_on_device = kwargs.get("generator"), target == "device" or bool(on_device)
+        if generator is not None and getattr(generator, "on_fake_device", False) != drawn_on_device:
+            raise RuntimeError(f"Expected a '{'cpu' if generator.on_fake_device else self.kind}' device type for"
+                               " generator (fake device)")
+        if func in RANDOM and drawn_on_device and generator is None:
+            out = self.with_device_generator(func, args, kwargs)
+        else:
+            out = func(*args, **kwargs)
+        if target == "device" or (on_device and target is None and not self.keeps_device(func, args)):
             for t in tree_flatten(out)[0]:
                 if isinstance(t, torch.Tensor):
                     if self.kind == "mps" and t.dtype == torch.float64:
@@ -250,12 +235,43 @@ class FakeDevice(TorchFunctionMode):
             self.record("cpu-tensor", func.__name__)
         return out
 
-    def unmark(self, t):
-        self.marked.discard(id(t))
+    def parse_to(self, args, kwargs):
+        """Tensor.to(device | dtype | tensor, ...): the device replaced by the CPU, a copy made where a real transfer
+        makes one; returns (args, kwargs, "device" | "cpu" | None)."""
+        tensor, rest, target = args[0], list(args[1:]), None
+        for i, a in enumerate(rest):
+            if isinstance(a, torch.Tensor):  # .to(other): other's device and dtype
+                target, rest[i] = ("device" if self.on_device(a) else "cpu"), a.dtype
+            elif isinstance(a, (str, torch.device)):
+                target, rest[i] = ("device" if self.is_fake(a) else "cpu"), "cpu"
+        if kwargs.get("device") is not None:
+            target, kwargs["device"] = ("device" if self.is_fake(kwargs["device"]) else "cpu"), "cpu"
+        if target is not None and (target == "device") != self.on_device(tensor):
+            kwargs["copy"] = True  # a transfer makes a new tensor
+        return (tensor, *rest), kwargs, target
 
-    @staticmethod
-    def call_with_rng(func, args, kwargs, generator):
-        """Run a random op with the device's generator in place of the CPU's (which is left as it was)."""
+    def check(self, func, args, tensors, target):
+        """What a real device refuses, for a torch function with a device tensor among its inputs."""
+        name = getattr(func, "__name__", str(func))
+        if func in TO_HOST:
+            raise TypeError(f"can't convert {self.device} device type tensor to numpy. Use Tensor.cpu() to copy the"
+                            " tensor to host memory first.")
+        if func in SYNCS or target == "cpu" or (func is torch.Tensor.copy_ and not self.on_device(args[0])):
+            self.record("sync", name)
+        if func in INDEXING and not self.on_device(args[0]):
+            raise RuntimeError("indices should be either on cpu or on the same device as the indexed tensor (cpu)")
+        if func not in MAY_MIX and target != "cpu" and any(not self.on_device(t) and t.dim() > 0 for t in tensors):
+            raise RuntimeError(f"Expected all tensors to be on the same device, but found at least two devices,"
+                               f" {self.device} and cpu! (fake device: {name})")
+
+    def keeps_device(self, func, args):
+        """An in-place method (add_, copy_, ...) returns its own tensor, which stays where it was."""
+        return getattr(func, "__name__", "").endswith("_") and isinstance(args[0], torch.Tensor) and \
+            not self.on_device(args[0])
+
+    def with_device_generator(self, func, args, kwargs):
+        """A random op drawing from the device's generator in place of the CPU's (which is left as it was)."""
+        generator = self.generators[0]
         cpu = torch.default_generator.get_state()
         torch.default_generator.set_state(generator.get_state())
         try:

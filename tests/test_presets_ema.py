@@ -102,25 +102,27 @@ def test_resume_resolves_the_checkpoints_configuration_once_and_it_stays_read_on
         cfg.lr = 1.0
 
 
-@pytest.mark.parametrize("found", [None, utils.CHECKPOINT_FORMAT + 1])
-def test_a_checkpoint_of_another_format_is_refused_in_one_line_naming_both(tmp_path, data_root, found):
-    common = ["--data-root", data_root, "--max-steps", "2", *SMALL_WGAN]
-    assert run_script("train_wgan.py", "--runs-dir", tmp_path, "--run-name", "f", *common).returncode == 0
+def test_a_checkpoint_of_another_format_is_refused_in_one_line_naming_both(tmp_path, data_root, capsys):
+    def command(module, argv):
+        with pytest.raises(SystemExit) as exit_info:
+            utils.run_main(module.main, [str(a) for a in argv])
+            raise SystemExit(0)
+        return exit_info.value.code, capsys.readouterr().err
+
+    assert command(train_wgan, ["--data-root", data_root, "--runs-dir", tmp_path, "--run-name", "f", "--max-steps", "2",
+                                "--no-eval", *SMALL_WGAN])[0] == 0
     path = tmp_path / "f" / "checkpoint.pt"
     ckpt = torch.load(path, weights_only=True)
     assert ckpt["format"] == utils.CHECKPOINT_FORMAT
-    if found is None:  # as written before formats were numbered
-        del ckpt["format"]
-    else:
-        ckpt["format"] = found
-    torch.save(ckpt, path)
-    before = path.read_bytes()
-    for out in (run_script("train_wgan.py", "--resume", tmp_path / "f", "--max-steps", "4"),
-                run_script("evaluate.py", tmp_path / "f", "--n", "8")):
-        assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, out.stderr
-        assert (f"a checkpoint of format {0 if found is None else found}, but these scripts read format"
-                f" {utils.CHECKPOINT_FORMAT}") in out.stderr
-    assert path.read_bytes() == before
+    for found in (0, utils.CHECKPOINT_FORMAT + 1):  # 0: written before formats were numbered, without the key
+        torch.save({k: v for k, v in ckpt.items() if k != "format"} if found == 0 else {**ckpt, "format": found}, path)
+        before = path.read_bytes()
+        for module, argv in ((train_wgan, ["--resume", tmp_path / "f", "--max-steps", "4"]),
+                             (evaluate, [tmp_path / "f", "--n", "8"])):
+            code, err = command(module, argv)
+            assert code == 2 and len(err.strip().splitlines()) == 1, err
+            assert f"a checkpoint of format {found}, but these scripts read format {utils.CHECKPOINT_FORMAT}" in err
+        assert path.read_bytes() == before
 
 
 # ----------------------------------------------------------------------------------------------------------------------
