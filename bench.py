@@ -8,7 +8,6 @@ a clamp per critic parameter), plain optimizers, and a torchvision-style dataset
 per image) through a DataLoader. Ours: the very step functions the training scripts run,
 on the dataset resident on the device. Same data, device and sizes; warm-up first, then the two alternated.
 """
-import argparse
 import json
 import statistics
 import sys
@@ -200,14 +199,14 @@ def bench_algo(setup, images, device, steps, repeats, warmup):
 
 
 def make_parser():
-    parser = utils.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = utils.ArgumentParser(description=__doc__)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--data-root", type=utils.nonempty, default="data",
                         help="as in the training scripts; random images if missing")
     parser.add_argument("--steps", type=utils.int_range(1, 100_000), default=200, help="steps per timed segment")
     parser.add_argument("--repeats", type=utils.int_range(1, 100), default=3, help="alternated segments per loop")
     parser.add_argument("--warmup", type=utils.int_range(1, 100_000), default=30, help="untimed steps first")
-    parser.add_argument("--json", action="store_true", help="print one JSON line")
+    parser.add_argument("--json", action="store_true", help="print one JSON line (by default a table)")
     return parser
 
 

@@ -3,6 +3,7 @@ typed, the preset and (on --resume) the checkpoint into one read-only Config, on
 import argparse
 import datetime
 import sys
+from pathlib import Path
 
 import utils
 from data import DATASETS
@@ -39,7 +40,10 @@ def resolve(parser, argv, presets, algo):
         now = datetime.datetime.now()
         values["run_name"] = values["run_name"] or f"{algo}-{values['dataset']}-{now:%Y%m%d-%H%M%S}"
         return Config(values), None
-    ckpt, path = utils.load_checkpoint(values["resume"])
+    resume, named = Path(values["resume"]), Path(values["runs_dir"]) / values["resume"]
+    if not resume.exists() and named.is_dir():  # a run's name, not its folder
+        raise utils.UserError(f"--resume {resume}: no such folder; did you mean --resume {named}?")
+    ckpt, path = utils.load_checkpoint(resume)
     if ckpt["algo"] != algo:
         raise utils.UserError(f"--resume {path}: it is a {ckpt['algo']} checkpoint; resume it with"
                               f" train_{ckpt['algo']}.py")
@@ -51,7 +55,22 @@ def resolve(parser, argv, presets, algo):
                               f" {'; '.join(conflicts)}; drop them or start a new run")
     values.update({key: value for key, value in saved.items() if key not in typed})
     values.update(run_name=path.parent.name, runs_dir=str(path.parent.parent), resume=str(path))
+    check_not_complete(values, ckpt, path.parent)
     return Config(values), ckpt
+
+
+def check_not_complete(values, ckpt, run_dir):
+    """A resume of a run that has nothing left to do (its --epochs or --max-steps reached) changes nothing: it says so
+    and how to go on."""
+    step, epochs_done = ckpt["step"], ckpt["order"]["epoch"]
+    if epochs_done >= values["epochs"]:
+        raise utils.Complete(f"{run_dir} is complete: {epochs_done} of --epochs {values['epochs']} done (step {step});"
+                             f" to train further, --resume {run_dir} --epochs {epochs_done + 10}; to score it,"
+                             f" python evaluate.py {run_dir}")
+    if values["max_steps"] and step >= values["max_steps"]:
+        raise utils.Complete(f"{run_dir} is complete: --max-steps {values['max_steps']} reached (step {step}); to train"
+                             f" further, --resume {run_dir} --max-steps {step + 1000} (or without --max-steps, to"
+                             f" --epochs {values['epochs']}); to score it, python evaluate.py {run_dir}")
 
 
 def typed_flags(parser, argv):
@@ -64,7 +83,7 @@ def make_parser(description, presets, *, dataset, epochs, batch_size, lr, z_dim,
                 min_batch=(1, "")):
     """A training script's parser holding --preset and the flags both scripts share, with the script's own defaults;
     the script adds its algorithm's flags. min_batch: (the smallest batch the networks can train on, why)."""
-    parser = utils.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = utils.ArgumentParser(description=description)
     add = parser.add_argument
     add("--preset", choices=sorted(presets), default="default",
         help="a set of defaults (flags typed explicitly override it): " + preset_help(presets))
@@ -92,8 +111,11 @@ def make_parser(description, presets, *, dataset, epochs, batch_size, lr, z_dim,
     add("--eval-every", type=utils.non_negative_int, default=0,
         help="epochs between quality evaluations (FID, precision, recall, class KL; see evaluate.py); 0 = at the end")
     add("--eval-n", type=utils.EVAL_N, default=10000, help="generated images per evaluation")
-    add("--no-eval", dest="eval", action="store_false", help="skip the quality evaluations (and metrics.json)")
-    add("--no-progress", dest="progress", action="store_false", help="no tqdm bar (one line per epoch only)")
+    add("--no-eval", dest="eval", action="store_false",
+        help="skip the quality evaluations and metrics.json (by default the run is evaluated at its end, and every"
+             " --eval-every epochs)")
+    add("--no-progress", dest="progress", action="store_false",
+        help="one line per epoch, no progress bar (by default a tqdm bar shows the current losses)")
     return parser
 
 

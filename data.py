@@ -71,7 +71,7 @@ def _download(dataset, root, split):
         for folder in made:  # a failed download leaves no empty folders behind
             with contextlib.suppress(OSError):
                 folder.rmdir()
-        return f"{type(e).__name__}: {e}".splitlines()[0]
+        return " ".join(f"{type(e).__name__}: {e}".split())[:300]  # torchvision's reason spans lines
     return None
 
 

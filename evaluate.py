@@ -9,7 +9,6 @@ The classifier lives at <data-root>/classifiers/<dataset>.pt. Metrics compare N 
 with the 10,000-image test split; the "real" row compares 10,000 training images with the same test split, the floor
 a perfect generator would reach.
 """
-import argparse
 import json
 import sys
 import time
@@ -26,6 +25,7 @@ from data import load_split, to_model_range
 from models import Generator, WGANGenerator, generate
 
 CLASSIFIER_EPOCHS = 4
+MIN_COMPARABLE_N = 2000  # below this many samples evaluate.py warns that its FID is not comparable
 NUM_CLASSES = 10
 
 
@@ -274,6 +274,7 @@ def check_needs(cfg):
     try:
         load_split(cfg.dataset, cfg.data_root, "test")
     except utils.DataError as e:
+        load_split(cfg.dataset, cfg.data_root, "train")  # missing too: its own message, --no-eval would not help
         raise utils.DataError(f"{e}; or pass --no-eval to train without the quality evaluation")
     # per sample: its 28 x 28 image and two feature copies; a batch of samples (at most 256 MiB, sample()); the
     # neighbour distances, computed in chunks of 2048 rows
@@ -341,17 +342,19 @@ def print_table(rows):
 
 
 def make_parser():
-    parser = utils.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = utils.ArgumentParser(description=__doc__)
     parser.add_argument("run", type=utils.nonempty, help="a run folder or its checkpoint.pt")
-    parser.add_argument("--n", type=utils.EVAL_N, default=10000, help="generated images (default 10000)")
+    parser.add_argument("--n", type=utils.EVAL_N, default=10000, help="generated images")
     parser.add_argument("--data-root", type=utils.nonempty, default=None,
-                        help="folder of the data and the cached classifier (default: the run's own)")
-    parser.add_argument("--seed", type=utils.seed, default=0, help="seed of the sampled noise (default 0)")
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto")
+                        help="folder of the data and the cached classifier (by default the run's own)")
+    parser.add_argument("--seed", type=utils.seed, default=0, help="seed of the sampled noise")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto",
+                        help="auto = cuda, else mps, else cpu")
     parser.add_argument("--raw", action="store_true",
-                        help="score the trained generator, not its weight average (EMA) when the checkpoint has one")
-    parser.add_argument("--no-floor", dest="floor", action="store_false", help="skip the real-versus-real row")
-    parser.add_argument("--json", action="store_true", help="print one JSON line instead of the table")
+                        help="score the trained generator (by default its weight average, when the checkpoint has one)")
+    parser.add_argument("--no-floor", dest="floor", action="store_false",
+                        help="skip the real-versus-real row (shown by default)")
+    parser.add_argument("--json", action="store_true", help="print one JSON line (by default a table)")
     parser.add_argument("--grid", type=utils.new_file, metavar="PNG", help="save a grid of the first 64 samples")
     parser.add_argument("--export", type=utils.new_file, metavar="NPZ",
                         help="save the samples as key 'images', uint8 N x 28 x 28")
@@ -375,18 +378,25 @@ def main(argv=None):
     seconds = time.time() - started
     if args.floor:
         rows["real"] = evaluator.real_floor()
+    told = sys.stderr if args.json else sys.stdout  # with --json, stdout holds the JSON line only
     try:  # the outputs were checked before any work; what fails now is the disk
         if args.grid:
             utils.save_grid(utils.image_grid(to_model_range(images[:64, None])), args.grid)
+            print(f"wrote {args.grid} (the first {min(64, args.n)} samples)", file=told)
         if args.export:
             Path(args.export).absolute().parent.mkdir(parents=True, exist_ok=True)
             utils.write_atomic(args.export, lambda f: np.savez_compressed(f, images=images.numpy()))
+            print(f"wrote {args.export} ({args.n} samples, key 'images', uint8 N x 28 x 28)", file=told)
         if args.interpolate:
             grid = utils.image_grid(interpolation(G, z_dim, device, seed=args.seed), nrow=10)
             utils.save_grid(grid, args.interpolate)
+            print(f"wrote {args.interpolate} (8 rows of 10 images along straight lines in z)", file=told)
     except OSError as e:
         raise utils.UserError(f"cannot write {e.filename} ({e.strerror}); free space or choose another path",
                               utils.EXIT_WRITE)
+    if args.n < MIN_COMPARABLE_N:
+        print(f"warning: an FID of {args.n} samples is biased upward and noisy; compare numbers of --n 10000 (the"
+              " default)", file=sys.stderr)
     if args.json:
         print(json.dumps({"checkpoint": str(path), "dataset": dataset, "weights": weights, "n": args.n,
                           "step": ckpt["step"], "classifier_accuracy": evaluator.accuracy, "seconds": round(seconds, 1),

@@ -59,13 +59,15 @@ def spearman(pairs):
 def make_parser():
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                             allow_abbrev=False)
-    parser.add_argument("run", type=Path, help="a run folder (runs/<run>)")
+    parser.add_argument("run", type=Path, help="a run folder (runs/<run>) or its checkpoint.pt")
     parser.add_argument("--out", type=Path, default=None, help="the PNG to write (default: <run>/curves.png)")
     return parser
 
 
 def main(argv=None):
     args = make_parser().parse_args(argv)
+    if args.run.name == "checkpoint.pt" and args.run.is_file():  # as evaluate.py takes it
+        args.run = args.run.parent
     out = args.out or args.run / "curves.png"
     if not str(out).strip() or out.is_dir() or (out.parent.exists() and not out.parent.is_dir()):
         raise PlotError(f"--out {args.out or out}: not a file path; give the PNG to write, e.g. curves.png")

@@ -134,6 +134,10 @@ class Run:
         """The run ends with `error`: release the folder's lock, and raise the error told with the run's folder and
         last good checkpoint where it is a write error, a divergence or memory (anything else propagates as is)."""
         self.release()
+        if isinstance(error, KeyboardInterrupt) and self.saved_step is not None:
+            raise utils.Interrupted(signal.SIGINT, f"interrupted; the last checkpoint (step {self.saved_step}) is kept"
+                                                   f" in {self.run_dir}: continue with --resume {self.run_dir}, or"
+                                                   f" score it with python evaluate.py {self.run_dir}") from None
         if isinstance(error, utils.Diverged):
             raise error.told(self.saved_step) from None
         if isinstance(error, OSError):
@@ -234,6 +238,10 @@ class Run:
                 raise utils.Interrupted(self.signum)
             try:
                 self.evaluation.final(self.G_sample, self.writer, self.step, self.run_dir)
+            except KeyboardInterrupt:
+                raise utils.Interrupted(signal.SIGINT, f"interrupted during the final evaluation; the run is complete"
+                                                       f" and saved in {self.run_dir}: evaluate it with python"
+                                                       f" evaluate.py {self.run_dir}") from None
             except Exception as e:  # the checkpoint and grids are on disk already
                 close_writer(self.writer)
                 raise utils.UserError(f"the final evaluation failed ({utils.reason(e)}); the run is complete and saved"

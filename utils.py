@@ -6,6 +6,7 @@
     Files                     atomic writes, checkpoints and their format version, sample grids, progress.gif
 """
 import argparse
+import difflib
 import os
 import random
 import signal
@@ -75,11 +76,16 @@ class OutOfMemory(UserError):
 
 
 class Interrupted(Exception):
-    """SIGINT/SIGTERM arrived; the loop saved a checkpoint and exits with 128 + signal number."""
+    """SIGINT/SIGTERM arrived: exit with 128 + signal number, saying what was saved and what to do."""
 
-    def __init__(self, signum):
-        super().__init__(signal.Signals(signum).name)
+    def __init__(self, signum, message=None):
+        super().__init__(message or f"interrupted by {signal.Signals(signum).name}: checkpoint saved, resume with"
+                                    " --resume")
         self.code = 128 + signum
+
+
+class Complete(Exception):
+    """Nothing to do (a resumed run that is already complete): the message on stdout, exit 0."""
 
 
 def run_main(main, argv=None):
@@ -97,8 +103,10 @@ def run_main(main, argv=None):
         print(f"error: {OutOfMemory(e)}", file=sys.stderr)
         sys.exit(EXIT_DATA)
     except Interrupted as e:
-        print(f"interrupted by {e}: checkpoint saved, resume with --resume", file=sys.stderr)
+        print(e, file=sys.stderr)
         sys.exit(e.code)
+    except Complete as e:
+        print(e)
     except KeyboardInterrupt:  # a second Ctrl-C, or one before training started
         print("interrupted", file=sys.stderr)
         sys.exit(130)
@@ -193,15 +201,32 @@ def folder_name(text):
     return text
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help: the description as written (its example commands on their own lines) and each value's default; a
+    switch (--no-eval, --json), and a flag without a default, says in its own help what happens without it."""
+
+    def _get_help_string(self, action):
+        return action.help if action.nargs == 0 or action.default is None else super()._get_help_string(action)
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse, but a bad command line is one line (`error: argument --epochs: must be ...`), exit 2, no usage block
-    (run_main prints it); abbreviations of flags are refused."""
+    (run_main prints it), with the flag meant when one is mistyped; abbreviations of flags are refused."""
 
     def __init__(self, *args, **kwargs):
-        super().__init__(*args, allow_abbrev=False, **kwargs)
+        super().__init__(*args, allow_abbrev=False, formatter_class=HelpFormatter, **kwargs)
 
     def error(self, message):
-        raise UserError(f"{message} (see --help)")
+        raise UserError(f"{message}{self.suggestion(message)} (see --help)")
+
+    def suggestion(self, message):
+        """'; did you mean --epochs?' for the unrecognized flags that are close to one of ours ('_' read as '-')."""
+        if not message.startswith("unrecognized arguments: "):
+            return ""
+        flags = [flag for flag in self._option_string_actions if flag.startswith("--")]
+        meant = [match for word in message.split()[2:] if word.startswith("-")
+                 for match in difflib.get_close_matches(word.split("=")[0].replace("_", "-"), flags, n=1, cutoff=0.7)]
+        return f"; did you mean {' and '.join(dict.fromkeys(meant))}?" if meant else ""
 
 
 # ----------------------------------------------------------------------------------------------------------------------
