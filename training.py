@@ -98,6 +98,8 @@ class Run:
                     part.load_state_dict(ckpt[name])
                 utils.set_rng_state(ckpt["rng"], self.device)
                 self.fixed_noise, self.step = ckpt["fixed_noise"].to(self.device), ckpt["step"]
+                if self.ema:
+                    self.ema.updates = ckpt["ema_updates"]
                 self.saved_step = self.step
                 print(f"resuming {self.run_dir} at step {self.step} (epoch {self.order.epoch + 1}, batch"
                       f" {self.order.position})")
@@ -226,6 +228,7 @@ class Run:
         check_finite(self.step, **networks)
         state = {"format": utils.CHECKPOINT_FORMAT, "algo": self.algo, "args": self.cfg.as_dict(), "step": self.step,
                  "fixed_noise": self.fixed_noise.cpu(), "rng": utils.rng_state(self.device),
+                 **({"ema_updates": self.ema.updates} if self.ema else {}),
                  **{name: part.state_dict() for name, part in self.parts.items()}}
         utils.save_checkpoint(state, self.run_dir / utils.CHECKPOINT)
         self.saved_step = self.step

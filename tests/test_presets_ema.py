@@ -148,24 +148,40 @@ def test_ema_update_matches_the_hand_computation():
         ema.update(G)
         history.append({k: v.double().clone() for k, v in G.state_dict().items()})
     params = {name for name, _ in G.named_parameters()}
+    d = [2 / 11, 3 / 12, 4 / 13]  # the warm-up: min(0.9, (1 + t) / (10 + t)) at t = 1, 2, 3
     for name, value in ema.model.state_dict().items():
-        if name in params:  # ema_3 = 0.9^3 G_0 + 0.1 (0.9^2 G_1 + 0.9 G_2 + G_3)
+        if name in params:  # ema_t = d_t ema_(t-1) + (1 - d_t) G_t, from ema_0 = G_0
             h = [step[name] for step in history]
-            expected = 0.9**3 * h[0] + 0.1 * (0.81 * h[1] + 0.9 * h[2] + h[3])
+            expected = h[0]
+            for t in range(3):
+                expected = d[t] * expected + (1 - d[t]) * h[t + 1]
             assert torch.allclose(value.double(), expected, rtol=0, atol=1e-5), name
         else:  # BatchNorm statistics: copied from G, not averaged
             assert torch.equal(value, G.state_dict()[name]), name
 
 
-def test_ema_decay_0_is_a_copy_and_decay_1_never_moves():
+def test_ema_warms_up_then_follows_its_decay():
+    ema = EMA(Generator(3, 10, [6]), 0.999)
+    decays = {}
+    for t in range(1, 9001):
+        ema.updates = t
+        decays[t] = ema.current_decay()
+    assert decays[1] == 2 / 11 and decays[10] == 11 / 20 and round(decays[100], 3) == 0.918  # close to G at first
+    assert decays[8989] < 0.999 and decays[8991] == decays[9000] == 0.999  # then the decay set
+
+
+def test_ema_decay_0_is_a_copy_and_a_few_steps_in_the_average_is_close_to_g():
     torch.manual_seed(0)
     G = Generator(3, 10, [6])
     start = [p.clone() for p in G.parameters()]
-    copy, frozen = EMA(G, 0.0), EMA(G, 1.0)
-    perturbed(G, 0)
-    copy.update(G), frozen.update(G)
+    copy, average = EMA(G, 0.0), EMA(G, 0.999)
+    for seed in range(5):
+        perturbed(G, seed)
+        copy.update(G), average.update(G)
     assert all(torch.equal(a, b) for a, b in zip(copy.model.parameters(), G.parameters()))
-    assert all(torch.equal(a, b) for a, b in zip(frozen.model.parameters(), start))
+    # after 5 steps, without the warm-up, 99.5% of the average would still be the initial weights
+    moved = [(a - s).norm() / (g - s).norm() for a, g, s in zip(average.model.parameters(), G.parameters(), start)]
+    assert all(m > 0.5 for m in moved), moved
     assert not any(p.requires_grad for p in copy.model.parameters())  # never trained, never in an optimizer
 
 
