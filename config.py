@@ -69,8 +69,8 @@ def check_not_complete(values, ckpt, run_dir):
                              f" python evaluate.py {run_dir}")
     if values["max_steps"] and step >= values["max_steps"]:
         raise utils.Complete(f"{run_dir} is complete: --max-steps {values['max_steps']} reached (step {step}); to train"
-                             f" further, --resume {run_dir} --max-steps {step + 1000} (or without --max-steps, to"
-                             f" --epochs {values['epochs']}); to score it, python evaluate.py {run_dir}")
+                             f" further, --resume {run_dir} --max-steps {step + 1000}; to score it, python evaluate.py"
+                             f" {run_dir}")
 
 
 def typed_flags(parser, argv):

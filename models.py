@@ -123,7 +123,7 @@ class EMA:
     than its initial weights; the set decay rules from t = (10 decay - 1) / (1 - decay) on (about 8,990 steps at 0.999).
     It starts as a copy of G. Buffers (BatchNorm running statistics) are copied from G; before the average is sampled or saved, calibrate()
     replaces them with statistics of the averaged weights themselves, since G's statistics belong to G's weights
-    (measured on the WGAN: FID 44 -> 36, see README, Results).
+    (measured on the WGAN: FID 44 -> 36, see docs/tuning.md).
     """
 
     def __init__(self, G, decay):

@@ -62,8 +62,8 @@ def test_resuming_a_complete_run_says_so_and_changes_nothing(tmp_path, data_root
     run = runs / "m"
     code, out, _ = command(train_vanilla_gan, ["--resume", run], capsys)
     assert code == 0 and out.strip() == (
-        f"{run} is complete: --max-steps 3 reached (step 3); to train further, --resume {run} --max-steps 1003 (or"
-        f" without --max-steps, to --epochs 50); to score it, python evaluate.py {run}")
+        f"{run} is complete: --max-steps 3 reached (step 3); to train further, --resume {run} --max-steps 1003; to"
+        f" score it, python evaluate.py {run}")
     assert snapshot(runs) == before
     assert command(train_vanilla_gan, ["--resume", run, "--max-steps", "5"], capsys)[0] == 0  # more steps: it trains
 
