@@ -121,9 +121,9 @@ class EMA:
     warmed up as TensorFlow's ExponentialMovingAverage does it, d = min(decay, (1 + t) / (10 + t)): 0.18 at the first
     step, 0.55 at the 10th, 0.92 at the 100th, so that a short run or an early epoch shows what G has learned rather
     than its initial weights; the set decay rules from t = (10 decay - 1) / (1 - decay) on (about 8,990 steps at 0.999).
-    It starts as a copy of G. Buffers (BatchNorm running statistics) are copied from G; before the average is sampled or saved, calibrate()
-    replaces them with statistics of the averaged weights themselves, since G's statistics belong to G's weights
-    (measured on the WGAN: FID 44 -> 36, see docs/tuning.md).
+    It starts as a copy of G. Buffers (BatchNorm running statistics) are copied from G; before the average is sampled
+    or saved, calibrate() replaces them with statistics of the averaged weights themselves, since G's statistics belong
+    to G's weights (measured on the WGAN: FID 44 -> 36, see docs/tuning.md).
     """
 
     def __init__(self, G, decay):

@@ -1,5 +1,7 @@
 """Tiny IDX datasets written to a temporary folder, and helpers to run the scripts. No network, no ../shared."""
+import contextlib
 import gzip
+import io
 import os
 import struct
 import subprocess
@@ -12,6 +14,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+import utils  # noqa: E402 (importable once ROOT is on the path)
 
 
 def write_idx(path, array, compress=True):
@@ -49,6 +53,22 @@ def data_root(tmp_path):
     make_dataset(root, "MNIST")
     make_dataset(root, "FashionMNIST", seed=1)
     return root
+
+
+def run_in_process(module, argv):
+    """A command's main() in-process, as its command line runs it (plot.py has a run_main of its own); returns (exit
+    code, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            if module.__name__ == "plot":
+                module.run_main([str(a) for a in argv])
+            else:
+                utils.run_main(module.main, [str(a) for a in argv])
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+    return code, out.getvalue(), err.getvalue()
 
 
 def subprocess_env():

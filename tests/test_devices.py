@@ -13,7 +13,7 @@ import train_vanilla_gan
 import train_wgan
 import training
 import utils
-from conftest import SMALL_VANILLA, SMALL_WGAN
+from conftest import SMALL_VANILLA, SMALL_WGAN, run_in_process
 from fake_device import FakeDevice
 from models import Critic, Discriminator, Generator, WGANGenerator
 
@@ -27,20 +27,12 @@ def without_device(flags):
     return flags[:i] + flags[i + 2:]
 
 
-def run(module, argv):
-    """main() in-process as its command line would run it; returns the exit code (0 when it returns)."""
-    try:
-        utils.run_main(module.main, [str(a) for a in argv])
-    except SystemExit as e:
-        return e.code
-    return 0
-
-
 def train(fake, algo, data_root, runs, name, *flags):
+    """A tiny run of `algo` on the fake device; returns (exit code, stdout, stderr)."""
     module, small = SCRIPTS[algo]
     with fake:
-        return run(module, ["--data-root", data_root, "--runs-dir", runs, "--run-name", name, *without_device(small),
-                            "--device", fake.kind, *flags])
+        return run_in_process(module, ["--data-root", data_root, "--runs-dir", runs, "--run-name", name,
+                                       *without_device(small), "--device", fake.kind, *flags])
 
 
 def networks(path):
@@ -56,8 +48,8 @@ def test_evaluations_mid_run_never_reseed_the_device_and_leave_the_training_as_i
     """The first --eval-every evaluation trains the classifier mid-run (no cached one in a fresh data root): the
     device's generator is seeded once, at setup, and the run ends with the same networks as with --no-eval."""
     with_eval, no_eval = FakeDevice(kind), FakeDevice(kind)
-    assert train(with_eval, algo, data_root, tmp_path, "e", "--epochs", "2", "--eval-every", "1") == 0
-    assert train(no_eval, algo, data_root, tmp_path, "n", "--epochs", "2", "--no-eval") == 0
+    assert train(with_eval, algo, data_root, tmp_path, "e", "--epochs", "2", "--eval-every", "1")[0] == 0
+    assert train(no_eval, algo, data_root, tmp_path, "n", "--epochs", "2", "--no-eval")[0] == 0
     assert len(list((data_root / "classifiers").glob("*.pt"))) == 1  # trained by run e, mid-run
     for fake in (with_eval, no_eval):
         seeds = [(what, where) for what, where in fake.of("seeding") if what in SEEDING]
@@ -83,7 +75,7 @@ def test_a_step_that_neither_logs_nor_checkpoints_makes_no_host_sync_and_no_cpu_
     for name, log_every in (("quiet", 1000), ("logging", 2)):
         fakes.append(FakeDevice("cuda"))
         assert train(fakes[-1], algo, data_root, tmp_path, name, "--max-steps", "6", "--log-every", log_every,
-                     "--checkpoint-every", "0", "--no-eval") == 0
+                     "--checkpoint-every", "0", "--no-eval")[0] == 0
     quiet, logging = fakes
     assert quiet.of("sync", "step") == [] and quiet.of("cpu-tensor", "step") == []
     assert quiet.of("sync")  # the syncs of the epoch's end (means, grid, checkpoint) are seen
@@ -116,49 +108,49 @@ def test_every_tensor_a_step_makes_is_on_the_device():
 
 @pytest.mark.parametrize("algo", ["vanilla", "wgan"])
 def test_checkpoints_move_between_machines_with_other_gpu_counts_and_the_cpu(tmp_path, data_root, algo):
-    assert train(FakeDevice("cuda", count=2), algo, data_root, tmp_path, "gpus", "--max-steps", "4", "--no-eval") == 0
+    assert train(FakeDevice("cuda", count=2), algo, data_root, tmp_path, "gpus", "--max-steps", "4",
+                 "--no-eval")[0] == 0
     shutil.copytree(tmp_path / "gpus", tmp_path / "gpus-again")
     one = FakeDevice("cuda", count=1)
     with one:  # a 2-GPU machine's checkpoint on a 1-GPU machine
-        assert run(SCRIPTS[algo][0], ["--resume", tmp_path / "gpus", "--max-steps", "8", "--no-progress"]) == 0
+        assert run_in_process(SCRIPTS[algo][0], ["--resume", tmp_path / "gpus", "--max-steps", "8",
+                                                 "--no-progress"])[0] == 0
     assert [what for what, _ in one.of("seeding") if "rng_state" in what] == ["set_rng_state", "get_rng_state"]
-    assert run(SCRIPTS[algo][0], ["--resume", tmp_path / "gpus-again", "--max-steps", "8", "--device", "cpu",
-                                  "--no-progress"]) == 0  # ... and on the CPU
+    assert run_in_process(SCRIPTS[algo][0], ["--resume", tmp_path / "gpus-again", "--max-steps", "8", "--device", "cpu",
+                                             "--no-progress"])[0] == 0  # ... and on the CPU
     cpu_on_gpu_machine = FakeDevice("cuda", count=2)
     assert train(cpu_on_gpu_machine, algo, data_root, tmp_path, "cpu", "--max-steps", "4", "--no-eval",
-                 "--device", "cpu") == 0
+                 "--device", "cpu")[0] == 0
     assert cpu_on_gpu_machine.of("device-init") == []  # a CPU run opens no CUDA context: no memory query, no RNG state
     assert [what for what, _ in cpu_on_gpu_machine.of("seeding") if "rng_state" in what] == []
     with FakeDevice("cuda"):  # a CPU checkpoint on a GPU
-        assert run(SCRIPTS[algo][0], ["--resume", tmp_path / "cpu", "--max-steps", "8", "--device", "cuda",
-                                      "--no-progress"]) == 0
+        assert run_in_process(SCRIPTS[algo][0], ["--resume", tmp_path / "cpu", "--max-steps", "8", "--device", "cuda",
+                                                 "--no-progress"])[0] == 0
     for name in ("gpus", "gpus-again", "cpu"):
         assert torch.load(tmp_path / name / "checkpoint.pt", weights_only=True)["step"] == 8
 
 
 @pytest.mark.parametrize("algo", ["vanilla", "wgan"])
-def test_a_whole_run_and_evaluate_py_on_a_mac(tmp_path, data_root, algo, capsys):
+def test_a_whole_run_and_evaluate_py_on_a_mac(tmp_path, data_root, algo):
     """MPS has no float64 (the fake raises on any); the run, its evaluations and evaluate.py stay in float32 there."""
     assert train(FakeDevice("mps"), algo, data_root, tmp_path, "m", "--epochs", "2", "--eval-every", "1",
-                 "--img-size", "32") == 0
+                 "--img-size", "32")[0] == 0
     assert json.loads((tmp_path / "m" / "metrics.json").read_text())["step"] == 16
-    capsys.readouterr()
     with FakeDevice("mps"):
-        assert run(evaluate, [tmp_path / "m", "--n", "64", "--json", "--device", "mps"]) == 0
-    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["metrics"]["fid"] > 0
+        code, out, _ = run_in_process(evaluate, [tmp_path / "m", "--n", "64", "--json", "--device", "mps"])
+    assert code == 0 and json.loads(out.strip().splitlines()[-1])["metrics"]["fid"] > 0
 
 
-def test_a_gpu_the_installed_torch_has_no_kernels_for_is_one_line_naming_its_capability(tmp_path, data_root, capsys):
-    code = train(FakeDevice("cuda", capability=(3, 7)), "wgan", data_root, tmp_path, "old", "--max-steps", "2")
-    err = capsys.readouterr().err.strip().splitlines()
+def test_a_gpu_the_installed_torch_has_no_kernels_for_is_one_line_naming_its_capability(tmp_path, data_root):
+    code, _, err = train(FakeDevice("cuda", capability=(3, 7)), "wgan", data_root, tmp_path, "old", "--max-steps", "2")
+    err = err.strip().splitlines()
     assert code == 1 and len(err) == 1 and "compute capability 3.7" in err[0] and "--device cpu" in err[0], err
     assert not (tmp_path / "old").exists()
     assert train(FakeDevice("cuda", capability=(8, 6)), "wgan", data_root, tmp_path, "new", "--max-steps", "2",
-                 "--no-eval") == 0  # sm_80 kernels run on 8.6
+                 "--no-eval")[0] == 0  # sm_80 kernels run on 8.6
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is there")
-def test_bench_without_a_gpu_suggests_a_device_it_accepts(capsys):
-    assert run(bench, ["--device", "cuda"]) == 2
-    err = capsys.readouterr().err
-    assert "--device cuda: no CUDA device is available; use --device cpu" in err and "auto" not in err
+def test_bench_without_a_gpu_suggests_a_device_it_accepts():
+    code, _, err = run_in_process(bench, ["--device", "cuda"])
+    assert code == 2 and "--device cuda: no CUDA device is available; use --device cpu" in err and "auto" not in err

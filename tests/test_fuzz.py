@@ -12,9 +12,7 @@ Hypothesis runs derandomized, with a fixed number of examples, so the test is th
 found failing are kept as plain regression tests at the bottom. To search further: FUZZ_RANDOM=1 draws other command
 lines on each run, FUZZ_TIMES=6 draws six times as many, FUZZ_VERBOSE=1 prints each with its outcome.
 """
-import contextlib
 import hashlib
-import io
 import os
 import re
 import stat
@@ -33,7 +31,7 @@ import train_vanilla_gan
 import train_wgan
 import training
 import utils
-from conftest import SMALL_VANILLA, SMALL_WGAN, make_dataset
+from conftest import SMALL_VANILLA, SMALL_WGAN, make_dataset, run_in_process
 
 INT_EDGES = ["0", "1", "-1", "2", "3", "16", "-7", "1000000", "1000000000000", "99999999999999999999999", "1e3",
              "2.5", "x", "", "nan", " 5"]
@@ -57,7 +55,7 @@ def world(tmp_path_factory):
     make_dataset(root / "data", "FashionMNIST", seed=1)
     runs = root / "runs"
     for module, small in ((train_vanilla_gan, SMALL_VANILLA), (train_wgan, SMALL_WGAN)):
-        run_quietly(module, ["--data-root", data, "--runs-dir", runs, "--run-name", module.ALGO, *small,
+        run_in_process(module, ["--data-root", data, "--runs-dir", runs, "--run-name", module.ALGO, *small,
                              "--epochs", "1", "--max-steps", "3"])
     (root / "a-file").write_text("not a folder, not a checkpoint")
     (root / "empty").mkdir()
@@ -73,21 +71,6 @@ def world(tmp_path_factory):
     yield {"root": root, "data": data, "runs": runs, "paths": paths, "outputs": outputs}
     read_only.chmod(stat.S_IRWXU)
     patch.undo()
-
-
-def run_quietly(module, argv):
-    """Run a command in-process as its command line would; returns (exit code, stdout, stderr)."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            if module is plot:
-                plot.run_main([str(a) for a in argv])
-            else:
-                utils.run_main(module.main, [str(a) for a in argv])
-            code = 0
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else 1
-    return code, out.getvalue(), err.getvalue()
 
 
 def flag_kind(action):
@@ -177,7 +160,7 @@ def check(name, argv, world):
     cwd = os.getcwd()
     os.chdir(root / "cwd")  # relative paths land in the temporary folder
     try:
-        code, out, err = run_quietly(MODULES[name], argv)
+        code, out, err = run_in_process(MODULES[name], argv)
     finally:
         os.chdir(cwd)
     after = snapshot(root)

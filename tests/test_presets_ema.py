@@ -12,7 +12,7 @@ import evaluate
 import train_vanilla_gan
 import train_wgan
 import utils
-from conftest import DEVICE, SMALL_WGAN, run_script
+from conftest import DEVICE, SMALL_WGAN, run_in_process, run_script
 from models import EMA, Generator, WGANGenerator
 
 def resolve(module, argv):
@@ -102,15 +102,9 @@ def test_resume_resolves_the_checkpoints_configuration_once_and_it_stays_read_on
         cfg.lr = 1.0
 
 
-def test_a_checkpoint_of_another_format_is_refused_in_one_line_naming_both(tmp_path, data_root, capsys):
-    def command(module, argv):
-        with pytest.raises(SystemExit) as exit_info:
-            utils.run_main(module.main, [str(a) for a in argv])
-            raise SystemExit(0)
-        return exit_info.value.code, capsys.readouterr().err
-
-    assert command(train_wgan, ["--data-root", data_root, "--runs-dir", tmp_path, "--run-name", "f", "--max-steps", "2",
-                                "--no-eval", *SMALL_WGAN])[0] == 0
+def test_a_checkpoint_of_another_format_is_refused_in_one_line_naming_both(tmp_path, data_root):
+    assert run_in_process(train_wgan, ["--data-root", data_root, "--runs-dir", tmp_path, "--run-name", "f",
+                                       "--max-steps", "2", "--no-eval", *SMALL_WGAN])[0] == 0
     path = tmp_path / "f" / "checkpoint.pt"
     ckpt = torch.load(path, weights_only=True)
     assert ckpt["format"] == utils.CHECKPOINT_FORMAT
@@ -119,7 +113,7 @@ def test_a_checkpoint_of_another_format_is_refused_in_one_line_naming_both(tmp_p
         before = path.read_bytes()
         for module, argv in ((train_wgan, ["--resume", tmp_path / "f", "--max-steps", "4"]),
                              (evaluate, [tmp_path / "f", "--n", "8"])):
-            code, err = command(module, argv)
+            code, _, err = run_in_process(module, argv)
             assert code == 2 and len(err.strip().splitlines()) == 1, err
             assert f"a checkpoint of format {found}, but these scripts read format {utils.CHECKPOINT_FORMAT}" in err
         assert path.read_bytes() == before
