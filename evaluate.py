@@ -1,13 +1,14 @@
 """Sample quality of a trained generator, offline: FID, precision/recall, class coverage and Inception Score, all on the
-features of a small CNN classifier trained on the dataset itself (no download: it trains once and is cached).
+features of a small CNN classifier of the dataset itself, shipped with the code (classifier.py): no download, no
+training, and the same ruler on every machine.
 
     python evaluate.py runs/<run>                    # a table
     python evaluate.py runs/<run> --json             # one JSON line
     python evaluate.py runs/<run> --grid grid.png --export samples.npz
 
-The classifier lives at <data-root>/classifiers/<dataset>.pt. Metrics compare N generated images (default 10,000)
-with the 10,000-image test split; the "real" row compares 10,000 training images with the same test split, the floor
-a perfect generator would reach.
+Metrics compare N generated images (default 10,000) with the 10,000-image test split; the "real" row compares 10,000
+training images with the same test split, the floor a perfect generator would reach. The output names the feature
+network by its SHA-256: numbers are comparable when it is the same.
 """
 import json
 import sys
@@ -16,117 +17,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
-from tqdm import tqdm
 
+import classifier
 import utils
+from classifier import NUM_CLASSES, predict
 from data import load_split, to_model_range
 from models import Generator, WGANGenerator, generate
 
-CLASSIFIER_EPOCHS = 4
 MIN_COMPARABLE_N = 2000  # below this many samples evaluate.py warns that its FID is not comparable
-NUM_CLASSES = 10
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Feature extractor: a small CNN classifier per dataset
-
-
-class Classifier(nn.Module):
-    """Two conv layers and one hidden linear layer; `features` returns the 128-d penultimate activations."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Sequential(
-            nn.Conv2d(1, 32, 3), nn.ReLU(), nn.MaxPool2d(2),   # 28 -> 26 -> 13
-            nn.Conv2d(32, 64, 3), nn.ReLU(), nn.MaxPool2d(2),  # 13 -> 11 -> 5
-            nn.Flatten(), nn.Linear(64 * 5 * 5, 128), nn.ReLU(),
-        )
-        self.head = nn.Linear(128, NUM_CLASSES)
-
-    def features(self, x):
-        return self.conv(x)
-
-    def forward(self, x):
-        return self.head(self.features(x))
-
-
-def to_input(images_uint8):
-    """uint8 N x 28 x 28 (0 = black background) -> the classifier's float input N x 1 x 28 x 28 in [-1, 1]."""
-    return to_model_range(images_uint8[:, None])
-
-
-@torch.no_grad()
-def predict(model, images_uint8, device, batch=1000):
-    """(features N x 128, class probabilities N x 10) as float64 numpy arrays (float64 on the CPU: MPS has none)."""
-    model.eval()
-    feats, probs = [], []
-    for i in range(0, len(images_uint8), batch):
-        f = model.features(to_input(images_uint8[i:i + batch].to(device)))
-        feats.append(f.cpu().double())
-        probs.append(F.softmax(model.head(f), dim=1).cpu().double())
-    return torch.cat(feats).numpy(), torch.cat(probs).numpy()
-
-
-def train_classifier(dataset, data_root, device, epochs=CLASSIFIER_EPOCHS, seed=0, progress=True):
-    """Train with a fixed seed on the train split; returns (model, test accuracy). The training's generators, on the CPU
-    and on every device, are left alone: the layers draw their init from the CPU generator seeded here and restored
-    after (not torch.manual_seed, which would reseed every device too), the batch order from a generator of its own."""
-    train_x, train_y = load_split(dataset, data_root, "train")
-    test_x, test_y = load_split(dataset, data_root, "test")
-    with torch.random.fork_rng(devices=[]):
-        torch.default_generator.manual_seed(seed)
-        model = Classifier()
-    model.to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    order = torch.Generator().manual_seed(seed)
-    batch = min(128, len(train_x))
-    steps = epochs * (len(train_x) // batch)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps)
-    x_all, y_all = train_x.to(device), train_y.long().to(device)
-    bar = tqdm(total=steps, desc=f"training the {dataset} classifier", disable=not progress, leave=False)
-    for _ in range(epochs):
-        perm = torch.randperm(len(x_all), generator=order).to(device)
-        for i in range(len(x_all) // batch):
-            idx = perm[i * batch:(i + 1) * batch]
-            model.train()
-            loss = F.cross_entropy(model(to_input(x_all[idx])), y_all[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            bar.update()
-    bar.close()
-    _, probs = predict(model, test_x, device)
-    accuracy = float((probs.argmax(1) == test_y.numpy()).mean())
-    return model, accuracy
-
-
-def load_classifier(dataset, data_root, device, progress=True):
-    """The cached classifier (trained and saved when missing). Returns (model, test accuracy)."""
-    path = Path(data_root) / "classifiers" / f"{dataset}.pt"
-    if path.is_file():
-        try:
-            saved = torch.load(path, map_location="cpu", weights_only=True)
-            with torch.random.fork_rng(devices=[]):  # building the layers draws random inits: not from training's RNG
-                model = Classifier()
-            model.to(device)
-            model.load_state_dict(saved["state_dict"])
-            return model, saved["test_accuracy"]
-        except Exception:
-            print(f"{path} is unreadable; training the classifier again", file=sys.stderr)
-    started = time.time()
-    model, accuracy = train_classifier(dataset, data_root, device, progress=progress)
-    print(f"trained the {dataset} classifier in {time.time() - started:.0f}s: test accuracy {accuracy:.4f}",
-          file=sys.stderr)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        utils.save_checkpoint({"state_dict": {k: v.cpu() for k, v in model.state_dict().items()},
-                               "test_accuracy": accuracy, "epochs": CLASSIFIER_EPOCHS}, path)
-    except OSError as e:
-        print(f"could not cache the classifier at {path} ({e.strerror}); it will be trained again", file=sys.stderr)
-    return model, accuracy
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -247,11 +146,12 @@ def interpolation(G, z_dim, device, rows=8, steps=10, seed=0):
 
 
 class Evaluator:
-    """The classifier and the test split's features, so repeated evaluations during training cost only sampling."""
+    """The feature network and the test split's features, so repeated evaluations during training cost only
+    sampling. `network`: the feature network's SHA-256, test accuracy and whether it is the shipped one."""
 
-    def __init__(self, dataset, data_root, device, progress=True):
+    def __init__(self, dataset, data_root, device, classifier_path=None):
         self.device = device
-        self.model, self.accuracy = load_classifier(dataset, data_root, device, progress)
+        self.model, self.network = classifier.load(dataset, device, classifier_path)
         self.test_images, _ = load_split(dataset, data_root, "test")
         self.test_feats, _ = predict(self.model, self.test_images, device)
         self.dataset, self.data_root = dataset, data_root
@@ -269,8 +169,12 @@ class Evaluator:
 
 def check_needs(cfg):
     """What a training run's evaluations need, checked when it starts (found missing only after hours of training, it
-    would cost the run its evaluation): the test split, and memory for --eval-n samples' features and neighbour
-    distances."""
+    would cost the run its evaluation): the test split, the shipped feature network, and memory for --eval-n samples'
+    features and neighbour distances."""
+    try:
+        classifier.check(cfg.dataset)
+    except utils.DataError as e:
+        raise utils.DataError(f"{e}; or pass --no-eval to train without the quality evaluation")
     try:
         load_split(cfg.dataset, cfg.data_root, "test")
     except utils.DataError as e:
@@ -293,7 +197,7 @@ class TrainingEval:
     def __call__(self, G, writer, step):
         c = self.cfg
         if self.evaluator is None:
-            self.evaluator = Evaluator(c.dataset, c.data_root, self.device, progress=c.progress)
+            self.evaluator = Evaluator(c.dataset, c.data_root, self.device)
         result = self.evaluator.generator(G, c.z_dim, c.eval_n, img_size=c.img_size)
         for name in self.LOGGED:
             writer.add_scalar(f"eval/{name}", result[name], step)
@@ -312,8 +216,9 @@ class TrainingEval:
         if not self.cfg.eval:
             return
         result = self(G, writer, step)
-        text = json.dumps({"step": step, "n": self.cfg.eval_n, "classifier_accuracy": self.evaluator.accuracy,
-                           **result}, indent=2)
+        network = self.evaluator.network
+        text = json.dumps({"step": step, "n": self.cfg.eval_n, "classifier_sha256": network["sha256"],
+                           "classifier_accuracy": network["test_accuracy"], **result}, indent=2)
         utils.write_atomic(Path(run_dir) / "metrics.json", lambda f: f.write(text.encode()))
 
 
@@ -346,7 +251,9 @@ def make_parser():
     parser.add_argument("run", type=utils.nonempty, help="a run folder or its checkpoint.pt")
     parser.add_argument("--n", type=utils.EVAL_N, default=10000, help="generated images")
     parser.add_argument("--data-root", type=utils.nonempty, default=None,
-                        help="folder of the data and the cached classifier (by default the run's own)")
+                        help="folder of the data (by default the run's own)")
+    parser.add_argument("--classifier", type=utils.nonempty, metavar="PT",
+                        help="a feature network that python classifier.py wrote (by default the shipped one)")
     parser.add_argument("--seed", type=utils.seed, default=0, help="seed of the sampled noise")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto",
                         help="auto = cuda, else mps, else cpu")
@@ -371,11 +278,12 @@ def main(argv=None):
     dataset = ckpt["args"]["dataset"]
 
     started = time.time()
-    evaluator = Evaluator(dataset, data_root, device, progress=not args.json)
+    evaluator = Evaluator(dataset, data_root, device, args.classifier)
     G, z_dim, weights = generator_from_checkpoint(ckpt, device, args.raw)
     images = sample(G, z_dim, args.n, device, args.seed, img_size=ckpt["args"]["img_size"])
     rows = {f"step {ckpt['step']}": evaluator.images(images)}
     seconds = time.time() - started
+    network = evaluator.network
     if args.floor:
         rows["real"] = evaluator.real_floor()
     told = sys.stderr if args.json else sys.stdout  # with --json, stdout holds the JSON line only
@@ -399,11 +307,13 @@ def main(argv=None):
               " default)", file=sys.stderr)
     if args.json:
         print(json.dumps({"checkpoint": str(path), "dataset": dataset, "weights": weights, "n": args.n,
-                          "step": ckpt["step"], "classifier_accuracy": evaluator.accuracy, "seconds": round(seconds, 1),
+                          "step": ckpt["step"], "classifier_sha256": network["sha256"],
+                          "classifier_accuracy": network["test_accuracy"], "seconds": round(seconds, 1),
                           "metrics": rows[f"step {ckpt['step']}"], "real": rows.get("real")}))
         return
-    print(f"{path} ({dataset}, {weights} weights, {args.n} samples vs the test split; classifier test accuracy"
-          f" {evaluator.accuracy:.4f}; {seconds:.1f}s)")
+    print(f"{path} ({dataset}, {weights} weights, {args.n} samples vs the test split; {seconds:.1f}s)")
+    print(f"feature network: {'shipped' if network['shipped'] else args.classifier}, SHA-256"
+          f" {network['sha256'][:16]}, test accuracy {network['test_accuracy']:.4f}")
     print_table(rows)
 
 

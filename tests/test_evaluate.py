@@ -1,4 +1,4 @@
-"""Quality metrics against known answers, the classifier cache, and evaluate.py's outputs."""
+"""Quality metrics against known answers, and evaluate.py's outputs."""
 import json
 
 import numpy as np
@@ -56,11 +56,10 @@ def test_precision_recall_on_point_clouds_with_known_answers():
 
 @pytest.fixture
 def evaluator(data_root):
-    return evaluate.Evaluator("mnist", data_root, torch.device("cpu"), progress=False)
+    return evaluate.Evaluator("mnist", data_root, torch.device("cpu"))
 
 
 def test_collapsed_generator_has_no_recall_and_class_kl_ln10(evaluator, data_root):
-    assert (data_root / "classifiers" / "mnist.pt").is_file()  # trained on the tiny data and cached
     one_image = evaluator.test_images[:1].repeat(64, 1, 1)
     m = evaluator.images(one_image)
     assert m["recall"] < 0.05
@@ -68,12 +67,6 @@ def test_collapsed_generator_has_no_recall_and_class_kl_ln10(evaluator, data_roo
     assert np.isclose(m["inception_score"], 1.0, atol=1e-6)
     real = evaluator.images(evaluator.test_images)
     assert real["fid"] < 1e-6 and real["recall"] == 1.0 and real["precision"] == 1.0
-
-
-def test_classifier_cache_is_reused(evaluator, data_root, monkeypatch):
-    monkeypatch.setattr(evaluate, "train_classifier", lambda *a, **k: pytest.fail("retrained despite the cache"))
-    again = evaluate.Evaluator("mnist", data_root, torch.device("cpu"), progress=False)
-    assert again.accuracy == evaluator.accuracy
 
 
 def test_evaluate_cli_exports_grid_and_json(tmp_path, data_root, capsys):

@@ -1,6 +1,6 @@
 """Command lines drawn at random from every flag's whole domain: each either works, or is refused in one line.
 
-For each command (both training scripts, evaluate.py, bench.py, plot.py) the flags and their kinds are read from its
+For each command (both training scripts, evaluate.py, classifier.py, bench.py, plot.py) the flags and their kinds are read from its
 own parser, so a flag added later is fuzzed too. Values come from the edges of each kind: 0, 1, negative, huge, not a
 number, empty, NaN and infinity for numbers; wrong names for choices; missing, empty, a file, a folder, a read-only
 folder for paths; and a flag whose value is missing. Each command line runs in this process on tiny data with a short
@@ -25,6 +25,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import bench
+import classifier
 import evaluate
 import plot
 import train_vanilla_gan
@@ -37,8 +38,8 @@ INT_EDGES = ["0", "1", "-1", "2", "3", "16", "-7", "1000000", "1000000000000", "
              "2.5", "x", "", "nan", " 5"]
 FLOAT_EDGES = ["0", "1", "-1", "0.5", "0.3", "1e-4", "0.999", "1e30", "-0", "inf", "-inf", "nan", "x", "", "1e-320",
                "2"]
-MODULES = {"train_vanilla_gan": train_vanilla_gan, "train_wgan": train_wgan, "evaluate": evaluate, "bench": bench,
-           "plot": plot}
+MODULES = {"train_vanilla_gan": train_vanilla_gan, "train_wgan": train_wgan, "evaluate": evaluate,
+           "classifier": classifier, "bench": bench, "plot": plot}
 
 
 def offline_download(*args, **kwargs):
@@ -47,7 +48,7 @@ def offline_download(*args, **kwargs):
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    """Tiny data (classifiers cached), one finished run of each script, and paths of every kind."""
+    """Tiny data, one finished run of each script, and paths of every kind."""
     patch = pytest.MonkeyPatch()  # torchvision's own download, failing as it does offline (it makes folders first)
     patch.setattr(torchvision.datasets.mnist, "download_and_extract_archive", offline_download)
     root = tmp_path_factory.mktemp("fuzz")
@@ -117,6 +118,7 @@ def baseline(name, world):
     return {"train_vanilla_gan": ["--data-root", data, "--runs-dir", runs, *SMALL_VANILLA, *short],
             "train_wgan": ["--data-root", data, "--runs-dir", runs, *SMALL_WGAN, *short],
             "evaluate": [str(world["runs"] / "vanilla_gan"), "--n", "64", "--data-root", data, "--no-floor", "--json"],
+            "classifier": ["--data-root", data, "--out", str(world["root"] / "c.pt"), "--epochs", "1", "--no-progress"],
             "bench": ["--data-root", data, "--steps", "2", "--repeats", "1", "--warmup", "1", "--json"],
             "plot": [str(world["runs"] / "wgan"), "--out", str(world["root"] / "curves.png")]}[name]
 
@@ -191,7 +193,7 @@ FUZZ = settings(derandomize=not os.environ.get("FUZZ_RANDOM"), deadline=None, da
 
 
 @pytest.mark.parametrize("name,examples", [("train_vanilla_gan", 80), ("train_wgan", 80), ("evaluate", 40),
-                                           ("plot", 25), ("bench", 8)])
+                                           ("classifier", 15), ("plot", 25), ("bench", 8)])
 def test_every_command_line_works_or_is_refused_in_one_line(world, name, examples):
     @settings(FUZZ, max_examples=examples * int(os.environ.get("FUZZ_TIMES", "1")))
     @given(st.data())
