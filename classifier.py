@@ -1,8 +1,8 @@
 """The evaluation's feature network: a small CNN classifier per dataset. Its weights ship with the code
-(classifiers/<dataset>.pt, checked against the SHA-256 below), so that every machine measures FID with the same ruler;
-this command trains one again, for checking the shipped weights or to compare with another feature network:
+(classifiers/<dataset>.pt, checked by SHA-256 before every use), so that every machine measures FID with the same
+ruler; this command trains one again, for checking the shipped weights or to compare with another feature network:
 
-    python classifier.py --dataset mnist --out my-mnist.pt     # about 2.5 minutes on 2 CPU cores
+    python classifier.py --dataset mnist --out my-mnist.pt     # 1 to 2.5 minutes on 2 CPU cores
     python evaluate.py runs/<run> --classifier my-mnist.pt     # the same run, measured with it
 """
 import hashlib

@@ -301,7 +301,7 @@ def check_memory(need, device, what, fix):
 
 def seed_everything(seed):
     """The one place that seeds the training's generators: Python's, NumPy's, and torch's on the CPU and every device
-    (torch.manual_seed). A seeded side computation (the evaluation's classifier, EMA calibration, sampling) uses a
+    (torch.manual_seed). A seeded side computation (training the feature network, EMA calibration, sampling) uses a
     generator of its own and never calls this."""
     random.seed(seed)
     np.random.seed(seed % 2**32)

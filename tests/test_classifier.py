@@ -46,9 +46,9 @@ def test_a_changed_or_missing_shipped_network_is_refused_before_any_work(tmp_pat
             *SMALL_WGAN, "--dataset", "mnist"]
     code, out, err = run_in_process(train_wgan, argv)
     restore = "restore the shipped file: git checkout -- classifiers/mnist.pt"
-    assert (code, out, err) == (1, "", f"error: {tmp_path / 'classifiers' / 'mnist.pt'} is not the shipped mnist feature"
-                                       f" network (SHA-256 {sha[:12]}..., expected {shipped[:12]}...); {restore}; or"
-                                       " pass --no-eval to train without the quality evaluation\n")
+    assert (code, out, err) == (1, "", f"error: {tmp_path / 'classifiers' / 'mnist.pt'} is not the shipped mnist"
+                                       f" feature network (SHA-256 {sha[:12]}..., expected {shipped[:12]}...);"
+                                       f" {restore}; or pass --no-eval to train without the quality evaluation\n")
     assert not (tmp_path / "runs").exists()  # refused before the run folder was made
     assert run_in_process(train_wgan, [*argv, "--no-eval"])[0] == 0
     (tmp_path / "classifiers" / "mnist.pt").unlink()

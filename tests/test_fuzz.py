@@ -1,10 +1,10 @@
 """Command lines drawn at random from every flag's whole domain: each either works, or is refused in one line.
 
-For each command (both training scripts, evaluate.py, classifier.py, bench.py, plot.py) the flags and their kinds are read from its
-own parser, so a flag added later is fuzzed too. Values come from the edges of each kind: 0, 1, negative, huge, not a
-number, empty, NaN and infinity for numbers; wrong names for choices; missing, empty, a file, a folder, a read-only
-folder for paths; and a flag whose value is missing. Each command line runs in this process on tiny data with a short
---max-steps, and must end in one of two ways:
+For each command (both training scripts, evaluate.py, classifier.py, bench.py, plot.py) the flags and their kinds are
+read from its own parser, so a flag added later is fuzzed too. Values come from the edges of each kind: 0, 1,
+negative, huge, not a number, empty, NaN and infinity for numbers; wrong names for choices; missing, empty, a file, a
+folder, a read-only folder for paths; and a flag whose value is missing. Each command line runs in this process on
+tiny data with a short --max-steps, and must end in one of two ways:
   - exit 0, with the run's checkpoint (or the command's output) written;
   - exit 1, 2, 3 or 4 with exactly one line on stderr, no traceback, and no file or folder created or changed (exit 3,
     a divergence, keeps the run folder it made: its events show the divergence, its checkpoint is the last good one).
