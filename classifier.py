@@ -53,8 +53,9 @@ def to_input(images_uint8):
 @torch.no_grad()
 def predict(model, images_uint8, device, batch=1000):
     """(features N x 128, class probabilities N x 10) as float64 numpy arrays. The network runs in float32 on the
-    device, with cuDNN's TF32 off (on by default for convolutions on recent GPUs; it would round the features to 10
-    bits) and its deterministic algorithms; float64 only on the CPU (MPS has none)."""
+    device, with cuDNN's TF32 off (on by default for convolutions on recent GPUs, where it rounds their inputs to 10
+    bits of mantissa) and its deterministic algorithms; matmuls keep PyTorch's default, full float32. float64 only on
+    the CPU (MPS has none)."""
     model.eval()
     feats, probs = [], []
     with torch.backends.cudnn.flags(enabled=True, deterministic=True, allow_tf32=False):
@@ -66,15 +67,12 @@ def predict(model, images_uint8, device, batch=1000):
 
 
 def train(dataset, data_root, device, epochs=4, seed=0, progress=True):
-    """Train with a fixed seed on the train split; returns (model, test accuracy). The caller's generators, on the CPU
-    and on every device, are left alone: the layers draw their init from the CPU generator seeded here and restored
-    after (not torch.manual_seed, which would reseed every device too), the batch order from a generator of its own."""
+    """Train with a fixed seed on the train split (the layers' init from the seeded CPU generator, the batch order
+    from a generator of its own); returns (model, test accuracy)."""
     train_x, train_y = load_split(dataset, data_root, "train")
     test_x, test_y = load_split(dataset, data_root, "test")
-    with torch.random.fork_rng(devices=[]):
-        torch.default_generator.manual_seed(seed)
-        model = Classifier()
-    model.to(device)
+    utils.seed_everything(seed)
+    model = Classifier().to(device)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     order = torch.Generator().manual_seed(seed)
     batch = min(128, len(train_x))
@@ -100,17 +98,23 @@ def train(dataset, data_root, device, epochs=4, seed=0, progress=True):
 
 
 def _read(path, dataset):
-    """(the file's bytes, its SHA-256) of a feature network's file, or one line saying what is wrong."""
-    shipped = path is None
-    path = SHIPPED_DIR / f"{dataset}.pt" if shipped else Path(path)
-    restore = f"restore the shipped file: git checkout -- classifiers/{dataset}.pt"
+    """(path, the file's bytes, their SHA-256) of a feature network's file: the shipped one when path is None, its
+    checksum checked; else one line saying what is wrong."""
+    if path is not None:
+        try:
+            raw = Path(path).read_bytes()
+        except OSError as e:
+            raise utils.UserError(f"--classifier {path}: cannot read it ({e.strerror}); pass a file that python"
+                                  " classifier.py wrote")
+        return Path(path), raw, hashlib.sha256(raw).hexdigest()
+    path = SHIPPED_DIR / f"{dataset}.pt"
+    restore = f"restore it: git -C {SHIPPED_DIR.parent} checkout -- classifiers/{dataset}.pt"
     try:
         raw = path.read_bytes()
     except OSError as e:
-        raise utils.DataError(f"cannot read the feature network {path} ({e.strerror}); "
-                              + (restore if shipped else "pass a file that python classifier.py wrote"))
+        raise utils.DataError(f"cannot read the shipped feature network {path} ({e.strerror}); {restore}")
     sha = hashlib.sha256(raw).hexdigest()
-    if shipped and sha != SHIPPED_SHA256[dataset]:
+    if sha != SHIPPED_SHA256[dataset]:
         raise utils.DataError(f"{path} is not the shipped {dataset} feature network (SHA-256 {sha[:12]}..., expected"
                               f" {SHIPPED_SHA256[dataset][:12]}...); {restore}")
     return path, raw, sha
@@ -130,14 +134,15 @@ def load(dataset, device, path=None):
         with torch.device("meta"):  # no random init: the weights are assigned from the file
             model = Classifier()
         model.load_state_dict(saved["state_dict"], assign=True)
+        network = {"sha256": sha, "test_accuracy": float(saved["test_accuracy"]), "dataset": saved["dataset"]}
     except Exception as e:
         raise utils.UserError(f"{path} is not a feature network ({utils.reason(e)}); pass a file that python"
                               " classifier.py wrote")
-    if saved.get("dataset") != dataset:
-        raise utils.UserError(f"{path} is the feature network of {saved.get('dataset')}, not of {dataset}; pass the"
-                              f" one trained with --dataset {dataset}")
-    return model.to(device), {"sha256": sha, "test_accuracy": saved["test_accuracy"],
-                              "shipped": sha == SHIPPED_SHA256[dataset]}
+    if network.pop("dataset") != dataset:
+        raise utils.UserError(f"{path} is the feature network of {saved['dataset']}, not of {dataset}; pass one"
+                              f" trained with --dataset {dataset}")
+    network["shipped"] = sha == SHIPPED_SHA256[dataset]
+    return model.float().to(device), network
 
 
 def make_parser():
@@ -171,10 +176,12 @@ def main(argv=None):
     except OSError as e:
         raise utils.UserError(f"cannot write {args.out} ({e.strerror}); free space or choose another path",
                               utils.EXIT_WRITE)
-    sha = hashlib.sha256(buffer.getvalue()).hexdigest()
-    same = "the same as" if sha == SHIPPED_SHA256[args.dataset] else "not the same bytes as"
     print(f"wrote {args.out}: {args.dataset}, {args.epochs} epochs in {time.time() - started:.0f}s, test accuracy"
-          f" {accuracy:.4f}, SHA-256 {sha} ({same} the shipped classifiers/{args.dataset}.pt)")
+          f" {accuracy:.4f}, SHA-256 {hashlib.sha256(buffer.getvalue()).hexdigest()}")
+    shipped = load(args.dataset, torch.device("cpu"))[0].state_dict()
+    same = all(torch.equal(value, shipped[key]) for key, value in state["state_dict"].items())
+    print(f"its weights are {'the same as' if same else 'not the same as'} those of the shipped"
+          f" classifiers/{args.dataset}.pt" + ("" if same else " (trained with other flags, data, or rounding)"))
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ import torch.nn.functional as F
 
 import classifier
 import utils
-from classifier import NUM_CLASSES, predict
 from data import load_split, to_model_range
 from models import Generator, WGANGenerator, generate
 
@@ -82,9 +81,9 @@ def precision_recall(real, fake, k=3):
 
 def class_coverage(probs):
     """(KL of the predicted-class histogram from uniform, number of classes with at least 1% of the samples)."""
-    hist = np.bincount(probs.argmax(1), minlength=NUM_CLASSES) / len(probs)
+    hist = np.bincount(probs.argmax(1), minlength=classifier.NUM_CLASSES) / len(probs)
     nonzero = hist[hist > 0]
-    return float((nonzero * np.log(nonzero * NUM_CLASSES)).sum()), int((hist >= 0.01).sum())
+    return float((nonzero * np.log(nonzero * classifier.NUM_CLASSES)).sum()), int((hist >= 0.01).sum())
 
 
 def inception_score(probs, eps=1e-12):
@@ -153,11 +152,11 @@ class Evaluator:
         self.device = device
         self.model, self.network = classifier.load(dataset, device, classifier_path)
         self.test_images, _ = load_split(dataset, data_root, "test")
-        self.test_feats, _ = predict(self.model, self.test_images, device)
+        self.test_feats, _ = classifier.predict(self.model, self.test_images, device)
         self.dataset, self.data_root = dataset, data_root
 
     def images(self, images_uint8):
-        return metrics(*predict(self.model, images_uint8, self.device), self.test_feats)
+        return metrics(*classifier.predict(self.model, images_uint8, self.device), self.test_feats)
 
     def generator(self, G, z_dim, n, seed=0, img_size=28):
         return self.images(sample(G, z_dim, n, self.device, seed, img_size=img_size))
@@ -313,7 +312,7 @@ def main(argv=None):
         return
     print(f"{path} ({dataset}, {weights} weights, {args.n} samples vs the test split; {seconds:.1f}s)")
     print(f"feature network: {'shipped' if network['shipped'] else args.classifier}, SHA-256"
-          f" {network['sha256'][:16]}, test accuracy {network['test_accuracy']:.4f}")
+          f" {network['sha256'][:12]}..., test accuracy {network['test_accuracy']:.4f}")
     print_table(rows)
 
 
