@@ -94,6 +94,8 @@ def make_parser(description, presets, *, dataset, epochs, batch_size, lr, z_dim,
     add("--batch-size", type=utils.int_range(min_batch[0], why=min_batch[1]), default=batch_size,
         help="images per step")
     add("--lr", type=utils.positive_float, default=lr, help="learning rate of both networks")
+    add("--lr-decay", type=utils.share, default=0.0,
+        help="the last share of the run's steps over which both learning rates fall linearly to 0 (0 = constant)")
     add("--z-dim", type=utils.width, default=z_dim, help="size of the generator's noise input")
     add("--img-size", type=utils.int_range(1, 10_000), default=img_size,
         help="train on images resized to this side (28 = native)")

@@ -101,6 +101,7 @@ def main(argv=None):
     with run:  # SIGINT/SIGTERM only set a flag: the step finishes, a checkpoint is saved, then the exit
         while run.continues():  # epochs left, --max-steps not reached, no signal
             for _, idx in run.epoch_batches():  # the epoch's batches; it ends early at --max-steps or on a signal
+                run.set_learning_rates(opt_D, opt_G)  # --lr, falling linearly to 0 over the last --lr-decay of the run
                 real = data.to_model_range(images[idx])
                 z = torch.randn(cfg.batch_size, cfg.z_dim, device=device)
                 # (1) Update D: maximize log D(x) + log(1 - D(G(z)))

@@ -6,6 +6,8 @@
 Critic: minimize -mean C(x) + mean C(G(z)), then clip every critic weight to [-c, c] (a crude Lipschitz bound).
 Generator: every n_critic critic steps, minimize -mean C(G(z)). Both with RMSprop, as the paper advises.
 """
+import sys
+
 import torch
 
 import config
@@ -95,6 +97,7 @@ def main(argv=None):
     with run:  # SIGINT/SIGTERM only set a flag: the step finishes, a checkpoint is saved, then the exit
         while run.continues():  # epochs left, --max-steps not reached, no signal
             for step, idx in run.epoch_batches():  # step counts critic steps; ends early at --max-steps or on a signal
+                run.set_learning_rates(opt_C, opt_G)  # --lr, falling linearly to 0 over the last --lr-decay of the run
                 # (1) Update the critic: maximize mean C(x) - mean C(G(z)), then clip its weights to [-c, c]
                 real = data.to_model_range(images[idx])
                 z = torch.randn(cfg.batch_size, cfg.z_dim, device=device)
@@ -106,7 +109,12 @@ def main(argv=None):
                     run.update_average(G)
                     run.record({"loss/G": loss_G})
                 run.after_step()  # TensorBoard every --log-every steps, a checkpoint every --checkpoint-every
-            run.end_epoch()  # epoch means; sample grid; every --eval-every epochs an evaluation; checkpoint
+            means = run.end_epoch()  # epoch means; sample grid; every --eval-every epochs an evaluation; checkpoint
+            if means.get("wasserstein_estimate", 1.0) <= 0:  # the critic has stopped measuring: worth a line
+                print(f"warning: the Wasserstein estimate of the epoch ending at step {run.step} is"
+                      f" {means['wasserstein_estimate']:.4f}, at or below 0: the critic no longer tells real images"
+                      " from generated ones, and samples tend to get worse from here on; stop and keep this run's"
+                      " checkpoint, or train with a larger --n-critic or --lr-decay", file=sys.stderr)
     run.finish()  # the final evaluation, metrics.json
 
 

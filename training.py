@@ -175,6 +175,15 @@ class Run:
             if self.stopped():
                 return
 
+    def set_learning_rates(self, *optimizers):
+        """Each step's learning rate (--lr-decay), a function of the step alone: exact on resume."""
+        lr = decayed_lr(self.cfg.lr, self.step, self.cfg.epochs * self.order.steps_per_epoch, self.cfg.lr_decay)
+        if self.cfg.lr_decay:
+            self.latest["lr"] = lr  # to TensorBoard with the losses
+        for optimizer in optimizers:
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+
     def update_average(self, G):
         """The generator's weight average (--ema-decay), after each generator step."""
         if self.ema:
@@ -193,8 +202,9 @@ class Run:
 
     def end_epoch(self):
         """After an epoch, or where the loop stopped mid-epoch: the epoch's means, the sample grid, on a whole epoch
-        the next epoch's order and (every --eval-every epochs) an evaluation, and a checkpoint."""
+        the next epoch's order and (every --eval-every epochs) an evaluation, and a checkpoint. Returns the means."""
         self.bar.close()
+        means = {}
         if self.means.sums:
             means = log_scalars(self.writer, self.step, self.means.result(), tag="epoch_mean/")
             text = "  ".join(f"{name} {value:.4f}" for name, value in means.items())
@@ -213,6 +223,7 @@ class Run:
             except Exception as e:  # training goes on; evaluate.py can score any checkpoint later
                 print(f"warning: the evaluation at step {self.step} failed ({utils.reason(e)}); training goes on",
                       file=sys.stderr)
+        return means
 
     def sample_grid(self, epoch):
         """The fixed noise's samples, to TensorBoard and samples/ (see log_samples)."""
@@ -275,6 +286,13 @@ class EpochMeans:
 
     def result(self):
         return {name: mean for names, sums in self.sums.items() for name, mean in zip(names, sums / self.counts[names])}
+
+
+def decayed_lr(lr, step, total, decay):
+    """The learning rate of step `step` (from 1) of `total`: lr, then over the last `decay` share of the steps falling
+    linearly, to lr / (decay * total) at the last step (0 would waste it)."""
+    decay_steps = decay * total
+    return lr * min(1.0, (total - step + 1) / decay_steps) if decay_steps > 0 else lr
 
 
 def check_finite(step, **networks):

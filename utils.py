@@ -174,6 +174,11 @@ def fraction(text):
     return _number(text, float, lambda v: 0 <= v < 1, "at least 0 and below 1")
 
 
+def share(text):
+    """A number in [0, 1]: a share of something, both ends included."""
+    return _number(text, float, lambda v: 0 <= v <= 1, "from 0 to 1")
+
+
 def nonempty(text):
     """A path flag: an empty value would silently mean the current folder."""
     if not text.strip():

@@ -1,6 +1,7 @@
 """End-to-end runs of both scripts on tiny data: what they write, exact resume after SIGKILL, SIGINT, divergence."""
 import json
 import random
+import re
 
 import pytest
 import torch
@@ -8,7 +9,8 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import classifier
-from conftest import SMALL_VANILLA, SMALL_WGAN, assert_same, run_hooked, run_script
+import training
+from conftest import SMALL_VANILLA, SMALL_WGAN, assert_same, run_hooked, run_in_process, run_script
 
 SCRIPTS = {
     "vanilla": ("train_vanilla_gan.py", SMALL_VANILLA, ["loss/D", "loss/G", "D(x)", "D(G(z))"]),
@@ -59,6 +61,32 @@ def test_run_writes_events_grids_and_checkpoint(tmp_path, data_root, algo):
     assert "eval at step 16 (64 samples): fid" in out.stdout
 
 
+def test_decayed_lr_is_constant_then_falls_linearly_over_the_last_share_of_the_steps():
+    lrs = [training.decayed_lr(0.3, step, 10, 0.4) for step in range(1, 11)]  # the last 4 of 10 steps decay
+    assert lrs == pytest.approx([0.3] * 7 + [0.225, 0.15, 0.075])
+    assert [training.decayed_lr(0.3, step, 10, 1.0) for step in (1, 2, 10)] == pytest.approx([0.3, 0.27, 0.03])
+    assert {training.decayed_lr(0.3, step, 10, 0.0) for step in range(1, 11)} == {0.3}
+
+
+def test_wgan_warns_when_its_wasserstein_estimate_falls_to_or_below_zero_and_goes_on(tmp_path, data_root,
+                                                                                   monkeypatch):
+    import train_wgan
+    real_step = train_wgan.critic_step
+    argv = ["--data-root", data_root, "--epochs", "2", "--no-eval", *SMALL_WGAN]
+    code, _, err = run_in_process(train_wgan, [*argv, "--runs-dir", tmp_path, "--run-name", "healthy"])
+    assert code == 0 and "warning" not in err, err
+    # a critic whose loss is above 0: mean C(x) < mean C(G(z)), an estimate below 0
+    monkeypatch.setattr(train_wgan, "critic_step", lambda *a: real_step(*a).abs() + 0.01)
+    code, out, err = run_in_process(train_wgan, [*argv, "--runs-dir", tmp_path, "--run-name", "dying"])
+    assert code == 0 and out.count("\nepoch ") + out.startswith("epoch ") == 2 and "done: " in out
+    lines = err.splitlines()
+    assert len(lines) == 2 and all(re.fullmatch(
+        rf"warning: the Wasserstein estimate of the epoch ending at step {step} is -0\.\d{{4}}, at or below 0: the"
+        " critic no longer tells real images from generated ones, and samples tend to get worse from here on; stop"
+        " and keep this run's checkpoint, or train with a larger --n-critic or --lr-decay", line)
+        for step, line in zip((8, 16), lines)), err
+
+
 def test_wgan_generator_steps_every_n_critic(tmp_path, data_root, monkeypatch):
     import train_wgan
     import utils
@@ -76,7 +104,7 @@ def test_wgan_generator_steps_every_n_critic(tmp_path, data_root, monkeypatch):
 def test_sigkill_then_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, data_root, algo):
     script, small, scalars = SCRIPTS[algo]
     common = ["--data-root", str(data_root), "--epochs", "3", "--log-every", "1", "--checkpoint-every", "5",
-              "--ema-decay", "0.7", *small]  # a short average: it moves a lot each step
+              "--ema-decay", "0.7", "--lr-decay", "0.5", *small]  # a short average: it moves a lot each step
     full = run_script(script, "--runs-dir", tmp_path / "a", "--run-name", "r", *common)
     assert full.returncode == 0, full.stderr
 
@@ -103,6 +131,13 @@ def test_sigkill_then_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, 
                 assert_same(value, b[opt]["state"][pid][key], f"{opt}.{pid}.{key}")
     steps = [e.step for e in events(tmp_path / "b" / "r").Scalars(scalars[0])]
     assert steps == list(range(1, 25)), f"TensorBoard steps doubled or missing (killed at {kill_at})"
+    # --lr-decay 0.5 of 24 steps: the learning rate of steps 1-13 is --lr, then it falls by lr/12 a step, to lr/12
+    lr = a["args"]["lr"]
+    logged = {e.step: e.value for e in events(tmp_path / "b" / "r").Scalars("lr")}
+    assert list(logged) == list(range(1, 25))
+    assert all(logged[step] == pytest.approx(lr * min(1, (25 - step) / 12), rel=1e-6) for step in logged), logged
+    assert [g["lr"] for opt in ("opt_G", "opt_D", "opt_C") if opt in b for g in b[opt]["param_groups"]] == \
+        pytest.approx([lr / 12] * 2, rel=1e-12)
 
 
 @pytest.mark.parametrize("algo,sig,code", [("vanilla", "SIGINT", 130), ("wgan", "SIGINT", 130),
