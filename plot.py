@@ -2,11 +2,13 @@
 
     python plot.py runs/<run>                      # writes runs/<run>/curves.png, prints Spearman's rho
     python plot.py runs/<run> --out curves.png
+    python plot.py runs/<a> runs/<b> --out fid.png # several runs: eval/fid (and eval/recall) against epochs
 
 The WGAN paper's practical claim (its Figures 3 and 4): the critic's Wasserstein estimate falls as the samples get
 better, while the vanilla GAN's discriminator loss says nothing about their quality. Spearman's rank correlation
 between the per-epoch Wasserstein estimate (vanilla: loss/D) and eval/fid tests that claim on your own run; train with
---eval-every 1 for one FID point per epoch. Works on a run that is still being written.
+--eval-every 1 for one FID point per epoch. Works on a run that is still being written. Given several runs, it draws
+their evaluations against epochs, one line each, and prints each run's best and last FID: where a run stops paying.
 """
 import argparse
 import os
@@ -59,23 +61,30 @@ def spearman(pairs):
 def make_parser():
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                             allow_abbrev=False)
-    parser.add_argument("run", type=Path, help="a run folder (runs/<run>) or its checkpoint.pt")
-    parser.add_argument("--out", type=Path, default=None, help="the PNG to write (default: <run>/curves.png)")
+    parser.add_argument("run", type=Path, nargs="+",
+                        help="a run folder (runs/<run>) or its checkpoint.pt; several: compare their evaluations")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="the PNG to write (one run: <run>/curves.png; several: required)")
     return parser
 
 
 def main(argv=None):
     args = make_parser().parse_args(argv)
-    if args.run.name == "checkpoint.pt" and args.run.is_file():  # as evaluate.py takes it
-        args.run = args.run.parent
-    out = args.out or args.run / "curves.png"
+    # a run's checkpoint.pt stands for its folder, as evaluate.py takes it
+    runs = [run.parent if run.name == "checkpoint.pt" and run.is_file() else run for run in args.run]
+    if len(runs) > 1 and args.out is None:
+        raise PlotError("several runs make one comparison: give --out, the PNG to write, e.g. --out fid.png")
+    out = args.out or runs[0] / "curves.png"
     if not str(out).strip() or out.is_dir() or (out.parent.exists() and not out.parent.is_dir()):
         raise PlotError(f"--out {args.out or out}: not a file path; give the PNG to write, e.g. curves.png")
-    scalars = read_scalars(args.run)
+    if len(runs) > 1:
+        return compare(runs, out)
+    run = runs[0]
+    scalars = read_scalars(run)
     algo = "wgan" if "epoch_mean/wasserstein_estimate" in scalars else "vanilla_gan"
     curves = {name: scalars.get("epoch_mean/" + name, []) for name in CURVES[algo]}
     if not any(curves.values()):
-        raise PlotError(f"{args.run}: no finished epoch logged yet; plot again after the first epoch")
+        raise PlotError(f"{run}: no finished epoch logged yet; plot again after the first epoch")
     fid = scalars.get("eval/fid", [])
 
     import matplotlib
@@ -97,7 +106,7 @@ def main(argv=None):
         more = fid_ax.get_legend_handles_labels()
         handles, labels = handles + more[0], labels + more[1]
     top.legend(handles, labels, loc="upper right", fontsize="small")
-    top.set_title(f"{args.run.name} ({algo})")
+    top.set_title(f"{run.name} ({algo})")
     for name, points in curves.items():
         if points:
             bottom.plot(*zip(*points), marker=".", label=name)
@@ -106,9 +115,64 @@ def main(argv=None):
     bottom.legend(loc="best", fontsize="small")
     for ax in (top, bottom):
         ax.grid(alpha=0.3)
+    save(fig, out)
+
+    by_step = dict(curves[loss])
+    pairs = [(by_step[step], value) for step, value in fid if step in by_step]
+    if not fid:
+        print(f"no eval/fid points in {run}: curves only (train with --eval-every 1 for one FID per epoch)")
+        return
+    rho = spearman(pairs)
+    rho_text = f"{rho:.3f}" if rho is not None else "undefined (fewer than 3 points, or a constant)"
+    print(f"Spearman rho({loss}, eval/fid) = {rho_text} over {len(pairs)} epochs")
+
+
+def compare(runs, out):
+    """eval/fid (and eval/recall, where logged) of several runs against epochs, one line per run; each run's best and
+    last FID printed."""
+    series = {}
+    for run in runs:
+        scalars = read_scalars(run)
+        # the evaluations come at epoch ends, each of which logs the epoch's means: count those to number the epochs
+        ends = sorted({step for tag, points in scalars.items() if tag.startswith("epoch_mean/") for step, _ in points})
+        epoch_of = {step: i + 1 for i, step in enumerate(ends)}
+        series[run] = {name: [(epoch_of[step], value) for step, value in scalars.get(f"eval/{name}", [])
+                              if step in epoch_of] for name in ("fid", "recall")}
+        if not series[run]["fid"]:
+            raise PlotError(f"{run}: no eval/fid points to compare; train with --eval-every K (or let the run end)")
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (fid_ax, recall_ax) = plt.subplots(2, 1, figsize=(8, 7), dpi=100, sharex=True)
+    for run, points in series.items():
+        line, = fid_ax.plot(*zip(*points["fid"]), marker="o", label=run.name)
+        if points["recall"]:
+            recall_ax.plot(*zip(*points["recall"]), marker="o", color=line.get_color(), label=run.name)
+    fid_ax.set_yscale("log")
+    fid_ax.set_ylabel("eval/fid (lower is better)")
+    recall_ax.set_ylabel("eval/recall (higher is better)")
+    recall_ax.set_xlabel("epoch")
+    recall_ax.xaxis.get_major_locator().set_params(integer=True)
+    for ax in (fid_ax, recall_ax):
+        ax.grid(alpha=0.3)
+        ax.legend(loc="best", fontsize="small")
     fig.tight_layout()
+    save(fig, out)
+    for run, points in series.items():
+        best = min(points["fid"], key=lambda point: point[1])
+        last = points["fid"][-1]
+        print(f"{run.name}: eval/fid {best[1]:.4g} at epoch {best[0]} (best), {last[1]:.4g} at epoch {last[0]} (last)")
+
+
+def save(fig, out):
+    """A temporary file renamed over the old one: a half-written PNG never replaces a good one."""
+    import matplotlib.pyplot as plt
+
     tmp = out.with_name(out.name + ".tmp")
-    try:  # a temporary file renamed over the old one: a half-written PNG never replaces a good one
+    try:
         out.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(tmp, format="png")
         os.replace(tmp, out)
@@ -117,15 +181,6 @@ def main(argv=None):
         tmp.unlink(missing_ok=True)
         raise PlotError(f"cannot write {out} ({e.strerror}); choose another --out")
     print(f"wrote {out}")
-
-    by_step = dict(curves[loss])
-    pairs = [(by_step[step], value) for step, value in fid if step in by_step]
-    if not fid:
-        print(f"no eval/fid points in {args.run}: curves only (train with --eval-every 1 for one FID per epoch)")
-        return
-    rho = spearman(pairs)
-    rho_text = f"{rho:.3f}" if rho is not None else "undefined (fewer than 3 points, or a constant)"
-    print(f"Spearman rho({loss}, eval/fid) = {rho_text} over {len(pairs)} epochs")
 
 
 def run_main(argv=None):

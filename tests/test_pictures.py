@@ -85,6 +85,28 @@ def test_plot_of_a_run_without_eval_points_draws_curves_only(tmp_path, data_root
     assert (tmp_path / "c.png").is_file()
 
 
+def test_plot_of_several_runs_draws_their_evaluations_by_epoch_and_names_each_ones_best_and_last(tmp_path, data_root):
+    for name, script, small, epochs in (("w", "train_wgan.py", SMALL_WGAN, "3"),
+                                        ("v", "train_vanilla_gan.py", SMALL_VANILLA, "2")):
+        out = run_script(script, "--data-root", data_root, "--runs-dir", tmp_path, "--run-name", name, "--epochs",
+                         epochs, "--eval-every", "1", *small)
+        assert out.returncode == 0, out.stderr
+    result = plot(tmp_path / "w", tmp_path / "v" / "checkpoint.pt", "--out", tmp_path / "fid.png")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert lines[0] == f"wrote {tmp_path / 'fid.png'}"
+    for line, name, epochs in zip(lines[1:], "wv", (3, 2)):
+        fid = [e.value for e in EventAccumulator(str(tmp_path / name)).Reload().Scalars("eval/fid")]
+        best = min(range(epochs), key=lambda i: fid[i])
+        assert len(fid) == epochs and line == (f"{name}: eval/fid {fid[best]:.4g} at epoch {best + 1} (best),"
+                                               f" {fid[-1]:.4g} at epoch {epochs} (last)")
+    with Image.open(tmp_path / "fid.png") as png:
+        assert png.size == (800, 700)
+    result = plot(tmp_path / "w", tmp_path / "v")
+    assert (result.returncode, result.stderr) == (2, "error: several runs make one comparison: give --out, the PNG to"
+                                                     " write, e.g. --out fid.png\n")
+
+
 def test_plot_of_a_folder_without_events_is_one_line(tmp_path):
     result = plot(tmp_path)
     assert result.returncode == 2 and "Traceback" not in result.stderr
