@@ -113,8 +113,8 @@ def main(argv=None):
             if means.get("wasserstein_estimate", 1.0) <= 0:  # the critic has stopped measuring: worth a line
                 print(f"warning: the Wasserstein estimate of the epoch ending at step {run.step} is"
                       f" {means['wasserstein_estimate']:.4f}, at or below 0: the critic no longer tells real images"
-                      " from generated ones, and samples tend to get worse from here on; stop and keep this run's"
-                      " checkpoint, or train with a larger --n-critic or --lr-decay", file=sys.stderr)
+                      " from generated ones, and samples tend to get worse from here on: stop the run (Ctrl-C keeps"
+                      " its checkpoint) and score it with evaluate.py, or train with fewer --epochs", file=sys.stderr)
     run.finish()  # the final evaluation, metrics.json
 
 

@@ -82,8 +82,8 @@ def test_wgan_warns_when_its_wasserstein_estimate_falls_to_or_below_zero_and_goe
     lines = err.splitlines()
     assert len(lines) == 2 and all(re.fullmatch(
         rf"warning: the Wasserstein estimate of the epoch ending at step {step} is -0\.\d{{4}}, at or below 0: the"
-        " critic no longer tells real images from generated ones, and samples tend to get worse from here on; stop"
-        " and keep this run's checkpoint, or train with a larger --n-critic or --lr-decay", line)
+        " critic no longer tells real images from generated ones, and samples tend to get worse from here on: stop"
+        r" the run \(Ctrl-C keeps its checkpoint\) and score it with evaluate\.py, or train with fewer --epochs", line)
         for step, line in zip((8, 16), lines)), err
 
 
