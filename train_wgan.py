@@ -94,6 +94,7 @@ def main(argv=None):
     # The run folder (a --resume restores all of these from its checkpoint), TensorBoard, the weight average of G.
     run = training.Run(ALGO, cfg, images, ckpt, G=G, C=C, opt_G=opt_G, opt_C=opt_C)
 
+    critic_warned = False  # said once per run: the estimate tends to stay near 0 once there
     with run:  # SIGINT/SIGTERM only set a flag: the step finishes, a checkpoint is saved, then the exit
         while run.continues():  # epochs left, --max-steps not reached, no signal
             for step, idx in run.epoch_batches():  # step counts critic steps; ends early at --max-steps or on a signal
@@ -110,9 +111,10 @@ def main(argv=None):
                     run.record({"loss/G": loss_G})
                 run.after_step()  # TensorBoard every --log-every steps, a checkpoint every --checkpoint-every
             means = run.end_epoch()  # epoch means; sample grid; every --eval-every epochs an evaluation; checkpoint
-            if means.get("wasserstein_estimate", 1.0) <= 0:  # the critic has stopped measuring: worth a line
+            if means.get("wasserstein_estimate", 1.0) <= 0 and not critic_warned:  # the critic stopped measuring
+                critic_warned = True
                 print(f"warning: the Wasserstein estimate of the epoch ending at step {run.step} is"
-                      f" {means['wasserstein_estimate']:.4f}, at or below 0: the critic no longer tells real images"
+                      f" {means['wasserstein_estimate']:.2e}, at or below 0: the critic no longer tells real images"
                       " from generated ones, and samples tend to get worse from here on: stop the run (Ctrl-C keeps"
                       " its checkpoint) and score it with evaluate.py, or train with fewer --epochs", file=sys.stderr)
     run.finish()  # the final evaluation, metrics.json

@@ -196,7 +196,8 @@ class Run:
 
     def after_step(self):
         if self.step % self.cfg.log_every == 0:  # note: a host sync, once every --log-every steps
-            self.bar.set_postfix(log_scalars(self.writer, self.step, self.latest))
+            self.bar.set_postfix({name: round(value, 4) for name, value in
+                                  log_scalars(self.writer, self.step, self.latest).items()})
         if self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0:
             self.save_checkpoint()
 
@@ -404,7 +405,7 @@ def log_scalars(writer, step, values, tag=""):
         if not math.isfinite(value):
             raise utils.Diverged(step, f"{tag}{name} is {value}")
         writer.add_scalar(tag + name, value, step)
-    return {name: round(value, 4) for name, value in floats.items()}
+    return floats
 
 
 def log_samples(writer, run_dir, fakes, step, epoch=None):
