@@ -131,14 +131,17 @@ def compare(runs, out):
     """eval/fid (and eval/recall, where logged) of several runs against epochs, one line per run; each run's best and
     last FID printed."""
     series = {}
+    names = [run.name for run in runs]
     for run in runs:
         scalars = read_scalars(run)
-        # the evaluations come at epoch ends, each of which logs the epoch's means: count those to number the epochs
+        # steps per epoch: the commonest gap between the epoch means' steps (a run stopped mid-epoch logs a shorter one)
         ends = sorted({step for tag, points in scalars.items() if tag.startswith("epoch_mean/") for step, _ in points})
-        epoch_of = {step: i + 1 for i, step in enumerate(ends)}
-        series[run] = {name: [(epoch_of[step], value) for step, value in scalars.get(f"eval/{name}", [])
-                              if step in epoch_of] for name in ("fid", "recall")}
-        if not series[run]["fid"]:
+        gaps = [b - a for a, b in zip([0] + ends, ends)]
+        per_epoch = max(set(gaps), key=lambda gap: (gaps.count(gap), gap)) if gaps else None
+        label = run.name if names.count(run.name) == 1 else str(run)
+        series[label] = {name: [(step / per_epoch, value) for step, value in scalars.get(f"eval/{name}", [])]
+                         for name in ("fid", "recall")}
+        if not per_epoch or not series[label]["fid"]:
             raise PlotError(f"{run}: no eval/fid points to compare; train with --eval-every K (or let the run end)")
 
     import matplotlib
@@ -147,10 +150,10 @@ def compare(runs, out):
     import matplotlib.pyplot as plt
 
     fig, (fid_ax, recall_ax) = plt.subplots(2, 1, figsize=(8, 7), dpi=100, sharex=True)
-    for run, points in series.items():
-        line, = fid_ax.plot(*zip(*points["fid"]), marker="o", label=run.name)
+    for label, points in series.items():
+        line, = fid_ax.plot(*zip(*points["fid"]), marker="o", label=label)
         if points["recall"]:
-            recall_ax.plot(*zip(*points["recall"]), marker="o", color=line.get_color(), label=run.name)
+            recall_ax.plot(*zip(*points["recall"]), marker="o", color=line.get_color(), label=label)
     fid_ax.set_yscale("log")
     fid_ax.set_ylabel("eval/fid (lower is better)")
     recall_ax.set_ylabel("eval/recall (higher is better)")
@@ -158,13 +161,15 @@ def compare(runs, out):
     recall_ax.xaxis.get_major_locator().set_params(integer=True)
     for ax in (fid_ax, recall_ax):
         ax.grid(alpha=0.3)
-        ax.legend(loc="best", fontsize="small")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(loc="best", fontsize="small")
     fig.tight_layout()
     save(fig, out)
-    for run, points in series.items():
+    for label, points in series.items():
         best = min(points["fid"], key=lambda point: point[1])
         last = points["fid"][-1]
-        print(f"{run.name}: eval/fid {best[1]:.4g} at epoch {best[0]} (best), {last[1]:.4g} at epoch {last[0]} (last)")
+        print(f"{label}: eval/fid {best[1]:.4g} at epoch {best[0]:.3g} (best), {last[1]:.4g} at epoch {last[0]:.3g}"
+              " (last)")
 
 
 def save(fig, out):

@@ -94,7 +94,7 @@ def main(argv=None):
     # The run folder (a --resume restores all of these from its checkpoint), TensorBoard, the weight average of G.
     run = training.Run(ALGO, cfg, images, ckpt, G=G, C=C, opt_G=opt_G, opt_C=opt_C)
 
-    critic_warned = False  # said once per run: the estimate tends to stay near 0 once there
+    critic_warned = False  # said once per process: the estimate tends to stay near 0 once there
     with run:  # SIGINT/SIGTERM only set a flag: the step finishes, a checkpoint is saved, then the exit
         while run.continues():  # epochs left, --max-steps not reached, no signal
             for step, idx in run.epoch_batches():  # step counts critic steps; ends early at --max-steps or on a signal

@@ -196,7 +196,7 @@ class Run:
 
     def after_step(self):
         if self.step % self.cfg.log_every == 0:  # note: a host sync, once every --log-every steps
-            self.bar.set_postfix({name: round(value, 4) for name, value in
+            self.bar.set_postfix({name: f"{value:.4g}" for name, value in
                                   log_scalars(self.writer, self.step, self.latest).items()})
         if self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0:
             self.save_checkpoint()

@@ -86,20 +86,21 @@ def test_plot_of_a_run_without_eval_points_draws_curves_only(tmp_path, data_root
 
 
 def test_plot_of_several_runs_draws_their_evaluations_by_epoch_and_names_each_ones_best_and_last(tmp_path, data_root):
-    for name, script, small, epochs in (("w", "train_wgan.py", SMALL_WGAN, "3"),
-                                        ("v", "train_vanilla_gan.py", SMALL_VANILLA, "2")):
+    # 8 steps an epoch; the vanilla run stops mid-epoch 3 (--max-steps 20) and is evaluated there: epoch 2.5
+    for name, script, small, stop in (("w", "train_wgan.py", SMALL_WGAN, []),
+                                      ("v", "train_vanilla_gan.py", SMALL_VANILLA, ["--max-steps", "20"])):
         out = run_script(script, "--data-root", data_root, "--runs-dir", tmp_path, "--run-name", name, "--epochs",
-                         epochs, "--eval-every", "1", *small)
+                         "3", "--eval-every", "1", *stop, *small)
         assert out.returncode == 0, out.stderr
     result = plot(tmp_path / "w", tmp_path / "v" / "checkpoint.pt", "--out", tmp_path / "fid.png")
     assert result.returncode == 0, result.stderr
     lines = result.stdout.strip().splitlines()
     assert lines[0] == f"wrote {tmp_path / 'fid.png'}"
-    for line, name, epochs in zip(lines[1:], "wv", (3, 2)):
+    for line, name, epochs in zip(lines[1:], "wv", (["1", "2", "3"], ["1", "2", "2.5"])):
         fid = [e.value for e in EventAccumulator(str(tmp_path / name)).Reload().Scalars("eval/fid")]
-        best = min(range(epochs), key=lambda i: fid[i])
-        assert len(fid) == epochs and line == (f"{name}: eval/fid {fid[best]:.4g} at epoch {best + 1} (best),"
-                                               f" {fid[-1]:.4g} at epoch {epochs} (last)")
+        best = min(range(3), key=lambda i: fid[i])
+        assert len(fid) == 3 and line == (f"{name}: eval/fid {fid[best]:.4g} at epoch {epochs[best]} (best),"
+                                          f" {fid[-1]:.4g} at epoch {epochs[-1]} (last)")
     with Image.open(tmp_path / "fid.png") as png:
         assert png.size == (800, 700)
     result = plot(tmp_path / "w", tmp_path / "v")
