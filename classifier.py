@@ -134,15 +134,15 @@ def load(dataset, device, path=None):
         with torch.device("meta"):  # no random init: the weights are assigned from the file
             model = Classifier()
         model.load_state_dict(saved["state_dict"], assign=True)
-        network = {"sha256": sha, "test_accuracy": float(saved["test_accuracy"]), "dataset": saved["dataset"]}
+        trained_on, accuracy = saved["dataset"], float(saved["test_accuracy"])
     except Exception as e:
         raise utils.UserError(f"{path} is not a feature network ({utils.reason(e)}); pass a file that python"
                               " classifier.py wrote")
-    if network.pop("dataset") != dataset:
-        raise utils.UserError(f"{path} is the feature network of {saved['dataset']}, not of {dataset}; pass one"
+    if trained_on != dataset:
+        raise utils.UserError(f"{path} is the feature network of {trained_on}, not of {dataset}; pass one"
                               f" trained with --dataset {dataset}")
-    network["shipped"] = sha == SHIPPED_SHA256[dataset]
-    return model.float().to(device), network
+    return model.float().to(device), {"sha256": sha, "test_accuracy": accuracy,
+                                      "shipped": sha == SHIPPED_SHA256[dataset]}
 
 
 def make_parser():

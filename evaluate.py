@@ -172,12 +172,9 @@ def check_needs(cfg):
     features and neighbour distances."""
     try:
         classifier.check(cfg.dataset)
-    except utils.DataError as e:
-        raise utils.DataError(f"{e}; or pass --no-eval to train without the quality evaluation")
-    try:
         load_split(cfg.dataset, cfg.data_root, "test")
     except utils.DataError as e:
-        load_split(cfg.dataset, cfg.data_root, "train")  # missing too: its own message, --no-eval would not help
+        load_split(cfg.dataset, cfg.data_root, "train")  # no train split either: its message (--no-eval cannot help)
         raise utils.DataError(f"{e}; or pass --no-eval to train without the quality evaluation")
     # per sample: its 28 x 28 image and two feature copies; a batch of samples (at most 256 MiB, sample()); the
     # neighbour distances, computed in chunks of 2048 rows

@@ -87,11 +87,7 @@ def main(argv=None):
         raise PlotError(f"{run}: no finished epoch logged yet; plot again after the first epoch")
     fid = scalars.get("eval/fid", [])
 
-    import matplotlib
-
-    matplotlib.use("Agg")  # no screen needed
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     loss = QUALITY_LOSS[algo]
     # top: the loss that should track quality, against eval/fid; bottom: every per-epoch mean on one scale
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 7), dpi=100, sharex=True)
@@ -144,11 +140,7 @@ def compare(runs, out):
         if not per_epoch or not series[label]["fid"]:
             raise PlotError(f"{run}: no eval/fid points to compare; train with --eval-every K (or let the run end)")
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, (fid_ax, recall_ax) = plt.subplots(2, 1, figsize=(8, 7), dpi=100, sharex=True)
     for label, points in series.items():
         line, = fid_ax.plot(*zip(*points["fid"]), marker="o", label=label)
@@ -172,16 +164,24 @@ def compare(runs, out):
               " (last)")
 
 
-def save(fig, out):
-    """A temporary file renamed over the old one: a half-written PNG never replaces a good one."""
+def pyplot():
+    """matplotlib's pyplot, drawing into files (no screen needed); imported only once a plot is drawn."""
+    import matplotlib
+
+    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def save(fig, out):
+    """A temporary file renamed over the old one: a half-written PNG never replaces a good one."""
     tmp = out.with_name(out.name + ".tmp")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(tmp, format="png")
         os.replace(tmp, out)
-        plt.close(fig)
+        pyplot().close(fig)
     except OSError as e:
         tmp.unlink(missing_ok=True)
         raise PlotError(f"cannot write {out} ({e.strerror}); choose another --out")

@@ -177,9 +177,10 @@ class Run:
 
     def set_learning_rates(self, *optimizers):
         """Each step's learning rate (--lr-decay), a function of the step alone: exact on resume."""
+        if not self.cfg.lr_decay:  # constant: the optimizers were built with --lr
+            return
         lr = decayed_lr(self.cfg.lr, self.step, self.cfg.epochs * self.order.steps_per_epoch, self.cfg.lr_decay)
-        if self.cfg.lr_decay:
-            self.latest["lr"] = lr  # to TensorBoard with the losses
+        self.latest["lr"] = lr  # to TensorBoard with the losses
         for optimizer in optimizers:
             for group in optimizer.param_groups:
                 group["lr"] = lr

@@ -305,9 +305,9 @@ def check_memory(need, device, what, fix):
 
 
 def seed_everything(seed):
-    """The one place that seeds the training's generators: Python's, NumPy's, and torch's on the CPU and every device
-    (torch.manual_seed). A seeded side computation (training the feature network, EMA calibration, sampling) uses a
-    generator of its own and never calls this."""
+    """The one place that seeds a command's generators (a training run's; classifier.py's): Python's, NumPy's, and
+    torch's on the CPU and every device (torch.manual_seed). A seeded side computation inside a run (EMA calibration,
+    sampling for an evaluation) uses a generator of its own and never calls this."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
