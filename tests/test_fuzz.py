@@ -193,7 +193,7 @@ FUZZ = settings(derandomize=not os.environ.get("FUZZ_RANDOM"), deadline=None, da
 
 
 @pytest.mark.parametrize("name,examples", [("train_vanilla_gan", 80), ("train_wgan", 80), ("evaluate", 40),
-                                           ("classifier", 15), ("plot", 25), ("bench", 8)])
+                                           ("classifier", 15), ("plot", 25), ("bench", 5)])
 def test_every_command_line_works_or_is_refused_in_one_line(world, name, examples):
     @settings(FUZZ, max_examples=examples * int(os.environ.get("FUZZ_TIMES", "1")))
     @given(st.data())
