@@ -1,6 +1,6 @@
 """Vanilla GAN (Goodfellow et al., 2014) with BCE loss: an MLP generator against a sigmoid MLP discriminator.
 
-    python train_vanilla_gan.py                      # MNIST, 50 epochs
+    python train_vanilla_gan.py                      # MNIST, 20 epochs
     tensorboard --logdir runs
 
 D maximizes log D(x) + log(1 - D(G(z))); G maximizes log D(G(z)) (the non-saturating loss); both with Adam.
@@ -17,7 +17,8 @@ ALGO = "vanilla_gan"
 
 
 # The source's settings (simple-GAN tutorial): `--preset source`. The defaults were chosen by measured sample quality
-# at 10 epochs (README, Results; every run tried is in docs/tuning.md).
+# at 10 epochs, and --epochs where more epochs stop helping: FID plateaus from epoch 15-20 (README, Results; every run
+# tried is in docs/tuning.md).
 PRESETS = {
     "default": {},
     "source": {"lr": 3e-4, "beta1": 0.9, "beta2": 0.999, "batch_size": 32, "z_dim": 64, "g_hidden": [256],
@@ -26,7 +27,7 @@ PRESETS = {
 
 
 def make_parser():
-    parser = config.make_parser(__doc__, PRESETS, dataset="mnist", epochs=50, batch_size=32, lr=3e-4, z_dim=64,
+    parser = config.make_parser(__doc__, PRESETS, dataset="mnist", epochs=20, batch_size=32, lr=3e-4, z_dim=64,
                                 img_size=28, log_every=100)
     parser.add_argument("--beta1", type=utils.fraction, default=0.5,
                         help="Adam beta1 (0.5 as in DCGAN; the source: 0.9)")
