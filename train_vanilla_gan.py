@@ -17,8 +17,8 @@ ALGO = "vanilla_gan"
 
 
 # The source's settings (simple-GAN tutorial): `--preset source`. The defaults were chosen by measured sample quality
-# at 10 epochs, and --epochs where more epochs stop helping: FID plateaus from epoch 15-20 (README, Results; every run
-# tried is in docs/tuning.md).
+# at 10 epochs, and --epochs where more epochs stop helping: FID levels off by epoch 17-20 (README, "The plain
+# commands, to their end"; every run tried is in docs/tuning.md).
 PRESETS = {
     "default": {},
     "source": {"lr": 3e-4, "beta1": 0.9, "beta2": 0.999, "batch_size": 32, "z_dim": 64, "g_hidden": [256],

@@ -21,7 +21,8 @@ ALGO = "wgan"
 
 # Algorithm 1 of the paper: `--preset paper`; the WGAN source's own run: `--preset source`. The defaults were chosen by
 # measured sample quality at 10 epochs, and --epochs before the clipped critic stops measuring: its Wasserstein estimate
-# reaches 0 near epoch 30 and FID rises after it (README, Results; every run tried is in docs/tuning.md).
+# reaches 0 near epoch 30 and FID rises after it (README, "The plain commands, to their end"; every run tried
+# is in docs/tuning.md).
 PAPER = {"lr": 5e-5, "clip_value": 0.01, "n_critic": 5, "batch_size": 64, "z_dim": 100, "img_size": 28,
          "g_widths": [128, 256, 512, 1024], "critic_widths": [512, 256], "ema_decay": 0.0}
 PRESETS = {
