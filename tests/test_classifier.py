@@ -1,4 +1,5 @@
-"""The shipped feature network: its checksum, the same features on any thread count, its training command."""
+"""The shipped feature network: its checksum, the same features within a measured tolerance on any thread count and
+CPU, its training command."""
 import hashlib
 import json
 import subprocess
@@ -15,13 +16,13 @@ from conftest import DEVICE, SMALL_WGAN, run_in_process, subprocess_env
 from data import load_split
 
 FID_IN_A_PROCESS = """
-import hashlib, sys, numpy as np, torch
+import sys, numpy as np, torch
 import classifier, evaluate
 images = torch.from_numpy(np.load(sys.argv[1]))
 model, _ = classifier.load("mnist", torch.device("cpu"))
 feats, _ = classifier.predict(model, images, torch.device("cpu"))
-fid = evaluate.fid(feats[:200], feats[200:])
-print(torch.get_num_threads(), repr(fid), hashlib.sha256(feats.tobytes()).hexdigest())
+np.save(sys.argv[2], feats)
+print(torch.get_num_threads(), repr(evaluate.fid(feats[:200], feats[200:])))
 """
 
 
@@ -55,19 +56,30 @@ def test_a_changed_or_missing_shipped_network_is_refused_before_any_work(tmp_pat
                               f" (No such file or directory); {restore}\n")
 
 
-def test_the_same_images_give_the_same_features_and_fid_with_another_thread_count(tmp_path, data_root):
-    """Two processes, with 1 and 2 threads (torch's and the BLAS's under NumPy): the float32 features, and so the
-    FID, are the same bit for bit."""
+# An older x86 CPU, as oneDNN, MKL and PyTorch's own kernels can be held to it: SSE4.1, no AVX.
+OLDER_CPU = {"ONEDNN_MAX_CPU_ISA": "SSE41", "MKL_ENABLE_INSTRUCTIONS": "SSE4_2", "ATEN_CPU_CAPABILITY": "default"}
+
+
+def test_the_same_images_give_features_and_fid_within_a_measured_tolerance_on_another_thread_count_and_cpu(
+        tmp_path, data_root):
+    """Two processes: this one's numeric setup with 2 threads, and 1 thread held to an older CPU's instructions. Their
+    float32 convolutions add in another order, so the features differ in their last bits (by up to 1.5e-7 of their
+    largest value, measured) and FID in its 7th digit (up to 7e-7 relative): they agree within 1e-5 of the largest
+    feature and 1e-5 relative, not bit for bit (docs/evaluation.md)."""
     test_images, _ = load_split("mnist", data_root, "test")
     rng = np.random.default_rng(0)
     images = np.concatenate([test_images.numpy()] * 4 + [rng.integers(0, 256, (200, 28, 28), dtype=np.uint8)])
     np.save(tmp_path / "images.npy", images)
-    runs = [subprocess.run([sys.executable, "-c", FID_IN_A_PROCESS, str(tmp_path / "images.npy")], capture_output=True,
-                           text=True, env=dict(subprocess_env(), OMP_NUM_THREADS=threads), timeout=120)
-            for threads in "12"]
+    setups = [{"OMP_NUM_THREADS": "2"}, {"OMP_NUM_THREADS": "1", **OLDER_CPU}]
+    runs = [subprocess.run([sys.executable, "-c", FID_IN_A_PROCESS, tmp_path / "images.npy", tmp_path / str(i)],
+                           capture_output=True, text=True, env={**subprocess_env(), **setup}, timeout=120)
+            for i, setup in enumerate(setups)]
     assert [r.returncode for r in runs] == [0, 0], [r.stderr for r in runs]
-    (one, fid, features), (two, *same) = (r.stdout.split() for r in runs)
-    assert (one, two) == ("1", "2") and same == [fid, features] and float(fid) > 1
+    (threads, fid), (threads_older, fid_older) = (r.stdout.split() for r in runs)
+    features, features_older = np.load(tmp_path / "0.npy"), np.load(tmp_path / "1.npy")
+    assert (threads, threads_older) == ("2", "1") and float(fid) > 1
+    assert np.abs(features - features_older).max() <= 1e-5 * np.abs(features).max()
+    assert float(fid_older) == pytest.approx(float(fid), rel=1e-5)
 
 
 def test_predict_runs_the_network_in_float32_without_tf32(monkeypatch):
