@@ -1,4 +1,6 @@
-"""The four networks: an MLP GAN (generator + sigmoid discriminator) and a WGAN (BatchNorm MLP generator + critic)."""
+"""The networks (an MLP GAN: generator + sigmoid discriminator; a WGAN: BatchNorm MLP generator + critic) and the
+generator's weight average. A generator keeps its constructor arguments in `model_args` and its noise size in
+`z_dim`: a checkpoint stores both, so evaluate.py rebuilds any generator defined here (as nanoGPT's model_args)."""
 import copy
 
 import torch
@@ -6,29 +8,34 @@ import torch.nn as nn
 
 
 def init_weights(module):
-    """Normal init as in the DCGAN/WGAN sources: weights ~ N(0, 0.02), BatchNorm scale ~ N(1, 0.02), biases 0."""
-    if isinstance(module, nn.Linear):
+    """As the DCGAN and WGAN sources: Linear and Conv weights ~ N(0, 0.02), BatchNorm scales ~ N(1, 0.02), biases 0."""
+    if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)):  # _ConvNd: every Conv and ConvTranspose
         nn.init.normal_(module.weight, 0.0, 0.02)
-        nn.init.zeros_(module.bias)
-    elif isinstance(module, nn.BatchNorm1d):
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.modules.batchnorm._BatchNorm):
         nn.init.normal_(module.weight, 1.0, 0.02)
         nn.init.zeros_(module.bias)
 
 
+def mlp(widths, slope, norm=False, dropout=0.0):
+    """Linear layers of widths[0] -> ... -> widths[-1], a LeakyReLU after each hidden one; BatchNorm1d before it from
+    the second hidden layer on (norm); Dropout after it (dropout > 0: absent otherwise, so layer names stay)."""
+    layers = []
+    for i, (width_in, width) in enumerate(zip(widths[:-2], widths[1:-1])):
+        layers += [nn.Linear(width_in, width), *([nn.BatchNorm1d(width)] if norm and i > 0 else []),
+                   nn.LeakyReLU(slope), *([nn.Dropout(dropout)] if dropout > 0 else [])]
+    return layers + [nn.Linear(widths[-2], widths[-1])]
+
+
 class Generator(nn.Module):
     """Vanilla GAN generator: z -> [Linear -> LeakyReLU] per hidden width -> img_dim -> Tanh.
-
-    The source's network is one hidden layer of 256 units with LeakyReLU(0.1): Generator(64, 784, [256], 0.1).
-    """
+    The source's: Generator(64, 784, [256], 0.1)."""
 
     def __init__(self, z_dim=64, img_dim=784, widths=(256,), slope=0.1):
         super().__init__()
-        layers, width_in = [], z_dim
-        for width in widths:
-            layers += [nn.Linear(width_in, width), nn.LeakyReLU(slope)]
-            width_in = width
-        layers += [nn.Linear(width_in, img_dim), nn.Tanh()]
-        self.net = nn.Sequential(*layers)
+        self.model_args, self.z_dim = dict(z_dim=z_dim, img_dim=img_dim, widths=list(widths), slope=slope), z_dim
+        self.net = nn.Sequential(*mlp([z_dim, *widths, img_dim], slope), nn.Tanh())
         self.apply(init_weights)
 
     def forward(self, z):
@@ -37,22 +44,11 @@ class Generator(nn.Module):
 
 class Discriminator(nn.Module):
     """Vanilla GAN discriminator: img_dim -> [Linear -> LeakyReLU (-> Dropout)] per hidden width -> 1 -> Sigmoid, so
-    D(x) is a probability.
-
-    The source's network is one hidden layer of 128 units, LeakyReLU(0.1), no dropout: Discriminator(784, [128], 0.1).
-    Dropout layers exist only when dropout > 0, so the source's parameter names (net.0, net.2) stay what they were.
-    """
+    D(x) is a probability. The source's: Discriminator(784, [128], 0.1), no dropout."""
 
     def __init__(self, img_dim=784, widths=(128,), slope=0.1, dropout=0.0):
         super().__init__()
-        layers, width_in = [], img_dim
-        for width in widths:
-            layers += [nn.Linear(width_in, width), nn.LeakyReLU(slope)]
-            if dropout > 0:
-                layers.append(nn.Dropout(dropout))
-            width_in = width
-        layers += [nn.Linear(width_in, 1), nn.Sigmoid()]
-        self.net = nn.Sequential(*layers)
+        self.net = nn.Sequential(*mlp([img_dim, *widths, 1], slope, dropout=dropout), nn.Sigmoid())
         self.apply(init_weights)
 
     def forward(self, x):
@@ -60,25 +56,16 @@ class Discriminator(nn.Module):
 
 
 class WGANGenerator(nn.Module):
-    """WGAN generator: blocks of 128 (no norm), 256, 512, 1024 units with BatchNorm1d and LeakyReLU(0.2),
-    then -> C*H*W -> Tanh.
-
-    BatchNorm1d keeps its default eps (1e-5); the often copied `nn.BatchNorm1d(n, 0.8)` sets eps=0.8 by mistake.
-    """
+    """WGAN generator: blocks of 128 (no norm), 256, 512, 1024 units with BatchNorm1d and LeakyReLU(0.2), then
+    -> C*H*W -> Tanh. BatchNorm1d keeps its default eps (1e-5); the often copied `nn.BatchNorm1d(n, 0.8)` sets
+    eps=0.8 by mistake."""
 
     def __init__(self, z_dim=100, img_shape=(1, 28, 28), widths=(128, 256, 512, 1024)):
         super().__init__()
+        self.model_args, self.z_dim = dict(z_dim=z_dim, img_shape=list(img_shape), widths=list(widths)), z_dim
         self.img_shape = tuple(img_shape)
-        layers, width_in = [], z_dim
-        for i, width in enumerate(widths):
-            layers.append(nn.Linear(width_in, width))
-            if i > 0:
-                layers.append(nn.BatchNorm1d(width))
-            layers.append(nn.LeakyReLU(0.2))
-            width_in = width
-        c, h, w = self.img_shape
-        layers += [nn.Linear(width_in, c * h * w), nn.Tanh()]
-        self.net = nn.Sequential(*layers)
+        self.net = nn.Sequential(*mlp([z_dim, *widths, img_shape[0] * img_shape[1] * img_shape[2]], 0.2, norm=True),
+                                 nn.Tanh())
         self.apply(init_weights)
 
     def forward(self, z):
@@ -90,13 +77,7 @@ class Critic(nn.Module):
 
     def __init__(self, img_shape=(1, 28, 28), widths=(512, 256)):
         super().__init__()
-        c, h, w = img_shape
-        layers, width_in = [], c * h * w
-        for width in widths:
-            layers += [nn.Linear(width_in, width), nn.LeakyReLU(0.2)]
-            width_in = width
-        layers.append(nn.Linear(width_in, 1))
-        self.net = nn.Sequential(*layers)
+        self.net = nn.Sequential(*mlp([img_shape[0] * img_shape[1] * img_shape[2], *widths, 1], 0.2))
         self.apply(init_weights)
 
     def forward(self, x):
@@ -105,7 +86,7 @@ class Critic(nn.Module):
 
 @torch.no_grad()
 def generate(G, z):
-    """G(z) in eval mode (BatchNorm uses its running statistics, not the batch's own), G's mode restored after."""
+    """G(z) in eval mode (BatchNorm uses its running statistics, not the batch's own); G's mode restored after."""
     was_training = G.training
     G.eval()
     try:
@@ -119,11 +100,10 @@ class EMA:
 
     After the t-th generator step (t = 1, 2, ...): ema <- d * ema + (1 - d) * G for every parameter, with the decay
     warmed up as TensorFlow's ExponentialMovingAverage does it, d = min(decay, (1 + t) / (10 + t)): 0.18 at the first
-    step, 0.55 at the 10th, 0.92 at the 100th, so that a short run or an early epoch shows what G has learned rather
-    than its initial weights; the set decay rules from t = (10 decay - 1) / (1 - decay) on (about 8,990 steps at 0.999).
-    It starts as a copy of G. Buffers (BatchNorm running statistics) are copied from G; before the average is sampled
-    or saved, calibrate() replaces them with statistics of the averaged weights themselves, since G's statistics belong
-    to G's weights (measured on the WGAN: FID 44 -> 36, see docs/tuning.md).
+    step, 0.55 at the 10th, 0.92 at the 100th, so that a short run shows what G has learned rather than its initial
+    weights. It starts as a copy of G. Buffers (BatchNorm running statistics) are copied from G; before the average
+    is sampled or saved, calibrate() replaces them with statistics of the averaged weights themselves, since G's
+    statistics belong to G's weights (measured on the WGAN: FID 44 -> 36, see docs/tuning.md).
     """
 
     def __init__(self, G, decay):
@@ -138,7 +118,7 @@ class EMA:
     @torch.no_grad()
     def update(self, G):
         self.updates += 1
-        # lerp: ema + (1 - d) * (G - ema), one kernel for all tensors; exactly G at d = 0, ema at d = 1
+        # lerp: ema + (1 - d) * (G - ema), one kernel for all tensors; exactly G at d = 0
         torch._foreach_lerp_(list(self.model.parameters()), list(G.parameters()), 1.0 - self.current_decay())
         for ema_buffer, buffer in zip(self.model.buffers(), G.buffers()):
             ema_buffer.copy_(buffer)
@@ -147,13 +127,12 @@ class EMA:
     @torch.no_grad()
     def calibrate(self, batches=10, batch_size=256, seed=0):
         """BatchNorm running statistics of the averaged weights: the plain mean of the batch statistics of `batches`
-        noise batches drawn from a generator of its own (deterministic, and the training's RNG is left alone). Does
-        nothing without BatchNorm, or when nothing changed since the last call."""
-        norms = [m for m in self.model.modules() if isinstance(m, nn.BatchNorm1d)]
+        noise batches from a generator of its own (deterministic; the training's RNG is left alone). Does nothing
+        without BatchNorm, or when nothing changed since the last call."""
+        norms = [m for m in self.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         if self.calibrated or not norms:
             return
-        first = next(m for m in self.model.modules() if isinstance(m, nn.Linear))
-        device = first.weight.device
+        device = next(self.model.parameters()).device
         noise = torch.Generator(device=device).manual_seed(seed)
         momenta = [m.momentum for m in norms]
         for m in norms:
@@ -161,7 +140,7 @@ class EMA:
             m.momentum = None  # a cumulative average over the batches
         self.model.train()
         for _ in range(batches):
-            self.model(torch.randn(batch_size, first.in_features, device=device, generator=noise))
+            self.model(torch.randn(batch_size, self.model.z_dim, device=device, generator=noise))
         self.model.eval()
         for m, momentum in zip(norms, momenta):
             m.momentum = momentum
@@ -169,7 +148,8 @@ class EMA:
 
     def state_dict(self):
         self.calibrate()  # a saved average carries the statistics of its own weights (evaluate.py samples it)
-        return self.model.state_dict()
+        return {"model": self.model.state_dict(), "updates": self.updates}
 
     def load_state_dict(self, state):
-        self.model.load_state_dict(state)
+        self.model.load_state_dict(state["model"])
+        self.updates = state["updates"]

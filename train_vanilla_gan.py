@@ -5,20 +5,21 @@
 
 D maximizes log D(x) + log(1 - D(G(z))); G maximizes log D(G(z)) (the non-saturating loss); both with Adam.
 """
+import json
+import signal
+import time
+
 import torch
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
 
-import config
-import data
-import training
+import evaluate
 import utils
-from models import Discriminator, Generator
+from models import EMA, Discriminator, Generator, generate
 
-ALGO = "vanilla_gan"
-
-
-# The source's settings (simple-GAN tutorial): `--preset source`. The defaults were chosen by measured sample quality
-# at 10 epochs, and --epochs where more epochs stop helping: FID levels off by epoch 17-20 (README, "The plain
-# commands, to their end"; every run tried is in docs/tuning.md).
+SCRIPT = "train_vanilla_gan"
+# The source's settings (the simple-GAN tutorial): --preset source. The defaults were chosen by measured sample
+# quality, and --epochs where more stop helping (README, Results; every setting tried: docs/tuning.md).
 PRESETS = {
     "default": {},
     "source": {"lr": 3e-4, "beta1": 0.9, "beta2": 0.999, "batch_size": 32, "z_dim": 64, "g_hidden": [256],
@@ -27,27 +28,44 @@ PRESETS = {
 
 
 def make_parser():
-    parser = config.make_parser(__doc__, PRESETS, dataset="mnist", epochs=20, batch_size=32, lr=3e-4, z_dim=64,
-                                img_size=28, log_every=100)
-    parser.add_argument("--beta1", type=utils.fraction, default=0.5,
-                        help="Adam beta1 (0.5 as in DCGAN; the source: 0.9)")
-    parser.add_argument("--beta2", type=utils.fraction, default=0.999, help="Adam beta2")
-    parser.add_argument("--g-hidden", type=utils.width, nargs="+", default=[512, 1024],
-                        help="generator hidden widths")
-    parser.add_argument("--d-hidden", type=utils.width, nargs="+", default=[1024],
-                        help="discriminator hidden widths")
-    parser.add_argument("--leaky-slope", type=utils.fraction, default=0.1, help="negative slope of every LeakyReLU")
-    parser.add_argument("--d-dropout", type=utils.fraction, default=0.3,
-                        help="dropout after each hidden layer of D (0 = none)")
-    parser.add_argument("--ema-decay", type=utils.fraction, default=0.999,
-                        help="decay of the generator's weight average used for samples and evaluations (0 = off)")
-    parser.add_argument("--n-samples", type=utils.N_SAMPLES, default=32, help="size of the fixed noise batch")
+    parser = utils.ArgumentParser(__doc__)
+    add = parser.add_argument
+    add("--preset", choices=sorted(PRESETS), default="default", help="a set of defaults; typed flags override it")
+    add("--dataset", choices=sorted(utils.DATASETS), default="mnist")
+    add("--data-root", default="data", help="holds <MNIST|FashionMNIST>/raw/ (downloaded there when missing)")
+    add("--epochs", type=utils.positive_int, default=20, help="passes over the training split")
+    add("--batch-size", type=utils.positive_int, default=32)
+    add("--lr", type=utils.positive_float, default=3e-4, help="Adam's learning rate, both networks")
+    add("--beta1", type=utils.fraction, default=0.5, help="Adam beta1 (0.5 as in DCGAN; the source: 0.9)")
+    add("--beta2", type=utils.fraction, default=0.999, help="Adam beta2")
+    add("--z-dim", type=utils.positive_int, default=64, help="size of the generator's noise")
+    add("--g-hidden", type=utils.positive_int, nargs="+", default=[512, 1024], help="generator hidden widths")
+    add("--d-hidden", type=utils.positive_int, nargs="+", default=[1024], help="discriminator hidden widths")
+    add("--leaky-slope", type=utils.fraction, default=0.1, help="negative slope of every LeakyReLU")
+    add("--d-dropout", type=utils.fraction, default=0.3, help="dropout after each hidden layer of D (0 = none)")
+    add("--ema-decay", type=utils.fraction, default=0.999,
+        help="decay of the generator's weight average, which draws the samples and is evaluated (0 = off)")
+    add("--img-size", type=utils.positive_int, default=28, help="train on images resized to this side")
+    add("--seed", type=int, default=1, help="seeds every random number: weights, data order, noise")
+    add("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto", help="auto = cuda, else mps, else cpu")
+    add("--runs-dir", default="runs", help="where run folders are made")
+    add("--run-name", default=None, help="the run folder's name (default vanilla_gan-<dataset>-<date>-<time>)")
+    add("--resume", metavar="RUN", help="continue this run folder exactly, with its flags (typed ones override)")
+    add("--log-every", type=utils.positive_int, default=100, help="steps between TensorBoard scalars")
+    add("--checkpoint-every", type=utils.non_negative_int, default=500,
+        help="steps between checkpoints (0 = epoch ends only); one is also saved at every epoch end and on Ctrl-C")
+    add("--max-steps", type=utils.positive_int, default=None, help="stop after this many steps in all")
+    add("--n-samples", type=utils.positive_int, default=32, help="images in the fixed-noise grid")
+    add("--eval-every", type=utils.non_negative_int, default=0, help="epochs between evaluations (0 = at the end)")
+    add("--eval-n", type=utils.positive_int, default=10000, help="generated images per evaluation")
+    add("--no-eval", dest="eval", action="store_false", help="no evaluation, no metrics.json")
+    add("--no-progress", dest="progress", action="store_false", help="one line per epoch, no progress bar")
     return parser
 
 
 def bce(p, target):
     """F.binary_cross_entropy for 0/1 targets (the log clamped at -100, as there), written out: a NaN in p gives a NaN
-    loss that the loop reports as divergence, where F.binary_cross_entropy raises (CPU) or kills the CUDA context."""
+    loss, which stops the run in one line, where F.binary_cross_entropy raises (CPU) or kills the CUDA context."""
     return -torch.where(target > 0.5, p, 1 - p).log().clamp(min=-100).mean()
 
 
@@ -57,15 +75,13 @@ def train_step(G, D, opt_G, opt_D, real, z):
     (1) D: maximize log D(x) + log(1 - D(G(z))), i.e. minimize [BCE(D(x), 1) + BCE(D(G(z)), 0)] / 2;
     (2) G: maximize log D(G(z)) (the non-saturating loss), i.e. minimize BCE(D(G(z)), 1), through the D of (1).
 
-    The same numbers as the textbook form, textbook.vanilla_gan_step (tests/test_steps.py), with one D forward for
-    real and fake and no retained graph. Returns (loss_D, loss_G, mean D(x), mean D(G(z))) as detached tensors: no
-    host sync here.
+    The numbers of the textbook form (tests/textbook.py), with one D forward for real and fake and no retained graph.
+    Returns (loss_D, loss_G, mean D(x), mean D(G(z))) as detached tensors: no host sync here.
     """
     batch = real.shape[0]
     fake = G(z)
 
-    # D: minimize BCE(D(x), 1) + BCE(D(G(z)), 0), halved. One forward over real and fake together (D has no batch
-    # statistics, so this is the same math); the fake is detached so no gradient reaches G.
+    # (1) One forward over real and fake together (D has no batch statistics: the same math); the fake is detached.
     d_out = D(torch.cat([real.flatten(1), fake.detach()]))
     targets = torch.cat([torch.ones(batch, 1, device=real.device), torch.zeros(batch, 1, device=real.device)])
     loss_D = bce(d_out, targets)  # the mean over 2B = the average of the two halves' means
@@ -73,7 +89,7 @@ def train_step(G, D, opt_G, opt_D, real, z):
     loss_D.backward()
     opt_D.step()
 
-    # G: non-saturating loss, minimize BCE(D(G(z)), 1) = -log D(G(z)) through the updated D. Gradients go to G only.
+    # (2) -log D(G(z)) through the updated D; gradients go to G only.
     loss_G = bce(D(fake), targets[:batch])
     opt_G.zero_grad(set_to_none=True)
     loss_G.backward(inputs=list(G.parameters()))
@@ -81,38 +97,120 @@ def train_step(G, D, opt_G, opt_D, real, z):
     return loss_D.detach(), loss_G.detach(), d_out[:batch].mean().detach(), d_out[batch:].mean().detach()
 
 
-def make_networks(cfg, img_shape):
-    """G and D of this run, from its flags."""
-    img_dim = img_shape[0] * img_shape[1] * img_shape[2]
-    return (Generator(cfg.z_dim, img_dim, cfg.g_hidden, cfg.leaky_slope),
-            Discriminator(img_dim, cfg.d_hidden, cfg.leaky_slope, cfg.d_dropout))
-
-
 def main(argv=None):
-    # Setup (plumbing shared with train_wgan.py, in training.py): configuration, device, seed, data on the device.
-    cfg, ckpt, device = training.setup(make_parser(), argv, PRESETS, ALGO)
-    images = data.load_train_images(cfg.dataset, cfg.data_root, cfg.img_size, device)
-    G, D = training.build_networks(make_networks, cfg, images, device)  # refused up front if they cannot fit
-    fast = utils.optimizer_kwargs(device)
-    opt_G = torch.optim.Adam(G.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), **fast)
-    opt_D = torch.optim.Adam(D.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), **fast)
-    # The run folder (a --resume restores all of these from its checkpoint), TensorBoard, the weight average of G.
-    run = training.Run(ALGO, cfg, images, ckpt, G=G, D=D, opt_G=opt_G, opt_D=opt_D)
+    # Flags: typed > --preset > (with --resume) the checkpoint's > the defaults.
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    ckpt = utils.load_checkpoint(args.resume, SCRIPT) if args.resume else None
+    parser.set_defaults(**(ckpt["args"] if ckpt else PRESETS[args.preset]))
+    args = parser.parse_args(argv)
+    args.run_name = args.run_name or f"vanilla_gan-{args.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    device = utils.pick_device(args.device)
+    utils.seed_everything(args.seed)
 
-    with run:  # SIGINT/SIGTERM only set a flag: the step finishes, a checkpoint is saved, then the exit
-        while run.continues():  # epochs left, --max-steps not reached, no signal
-            for _, idx in run.epoch_batches():  # the epoch's batches; it ends early at --max-steps or on a signal
-                run.set_learning_rates(opt_D, opt_G)  # --lr, falling linearly to 0 over the last --lr-decay of the run
-                real = data.to_model_range(images[idx])
-                z = torch.randn(cfg.batch_size, cfg.z_dim, device=device)
-                # (1) Update D: maximize log D(x) + log(1 - D(G(z)))
-                # (2) Update G: maximize log D(G(z))
-                loss_D, loss_G, d_real, d_fake = train_step(G, D, opt_G, opt_D, real, z)
-                run.update_average(G)
-                run.record({"loss/D": loss_D, "loss/G": loss_G, "D(x)": d_real, "D(G(z))": d_fake})
-                run.after_step()  # TensorBoard every --log-every steps, a checkpoint every --checkpoint-every
-            run.end_epoch()  # epoch means; sample grid; every --eval-every epochs an evaluation; checkpoint
-    run.finish()  # the final evaluation, metrics.json
+    # Data (the training split, resident on the device as uint8: a batch is an index), what the evaluation needs
+    # (checked now rather than after the training), networks, optimizers, the generator's weight average.
+    images = utils.resize(utils.load_images(args.dataset, args.data_root)[0], args.img_size)[:, None].to(device)
+    if args.eval:
+        evaluate.reference(args.dataset, args.data_root, device)
+    img_dim = args.img_size ** 2
+    G = Generator(args.z_dim, img_dim, args.g_hidden, args.leaky_slope).to(device)
+    D = Discriminator(img_dim, args.d_hidden, args.leaky_slope, args.d_dropout).to(device)
+    fused = {"fused": True} if device.type in ("cpu", "cuda") else {"foreach": True}  # one kernel for all weights
+    opt_G = torch.optim.Adam(G.parameters(), lr=args.lr, betas=(args.beta1, args.beta2), **fused)
+    opt_D = torch.optim.Adam(D.parameters(), lr=args.lr, betas=(args.beta1, args.beta2), **fused)
+    ema = EMA(G, args.ema_decay) if args.ema_decay else None
+    G_sample = ema.model if ema else G  # what draws the grids and is evaluated
+
+    # The run folder (new, or the one resumed: every state restored from its checkpoint) and TensorBoard.
+    run_dir, lock = utils.make_run_dir(args, resuming=ckpt is not None)  # the lock is held while this process lives
+    fixed_noise = torch.randn(args.n_samples, args.z_dim, device=device)  # the grids' noise
+    step = 0  # steps done, over the whole run
+    if ckpt:
+        try:
+            for part, name in ((G, "G"), (D, "D"), (opt_G, "opt_G"), (opt_D, "opt_D"), (ema, "G_ema")):
+                if part:
+                    part.load_state_dict(ckpt[name])
+        except (RuntimeError, ValueError, KeyError) as e:  # a typed flag changed a network's shape
+            raise utils.UserError(f"{run_dir}: its checkpoint does not fit these flags ({utils.reason(e)}); resume"
+                                  " without the flags that change the networks") from None
+        step, fixed_noise = ckpt["step"], ckpt["fixed_noise"].to(device)
+        utils.set_rng_state(ckpt["rng"], device)
+        print(f"resuming {run_dir} at step {step}")
+    writer = SummaryWriter(run_dir, purge_step=step + 1 if ckpt else None)  # purge: no point logged twice
+    if not ckpt:
+        writer.add_text("config", f"```\n{json.dumps(vars(args), indent=2)}\n```", 0)
+        writer.add_image("real", utils.image_grid(utils.to_model_range(images[:args.n_samples])), 0)
+
+    def save_checkpoint():  # everything a resume needs, written atomically
+        utils.save_checkpoint({
+            "format": utils.CHECKPOINT_FORMAT, "script": SCRIPT, "args": vars(args), "step": step,
+            "G_class": type(G).__name__, "G_args": G.model_args, "G": G.state_dict(), "D": D.state_dict(),
+            "opt_G": opt_G.state_dict(), "opt_D": opt_D.state_dict(), "G_ema": ema.state_dict() if ema else None,
+            "fixed_noise": fixed_noise.cpu(), "rng": utils.rng_state(device)}, run_dir / "checkpoint.pt")
+
+    def evaluation():  # on the features of the shipped classifier: evaluate.py
+        result = evaluate.score(G_sample, args.eval_n, args.dataset, args.data_root, device)
+        for name in evaluate.LOGGED:
+            writer.add_scalar(f"eval/{name}", result[name], step)
+        print(f"eval at step {step} ({args.eval_n} samples): " + "  ".join(f"{n} {result[n]:.4g}"
+                                                                           for n in evaluate.LOGGED), flush=True)
+        return result
+
+    steps_per_epoch = len(images) // args.batch_size  # the last partial batch is dropped
+    last_step = min(args.epochs * steps_per_epoch, args.max_steps or float("inf"))
+    order = torch.Generator().manual_seed(args.seed)  # the batch order: one permutation per epoch, drawn in turn
+    for _ in range(step // steps_per_epoch):  # the epochs a resumed run has done
+        torch.randperm(len(images), generator=order)
+    stop = utils.stop_on_signals()  # SIGINT/SIGTERM: the step finishes, a checkpoint is saved, then the exit
+    while step < last_step and not stop:
+        epoch, started = step // steps_per_epoch + 1, time.time()
+        perm = torch.randperm(len(images), generator=order).to(device)
+        sums, count = {}, 0  # the sums of this epoch's values (tensors: no host sync per step), over count steps
+        first = step % steps_per_epoch  # not 0 in a run resumed mid-epoch
+        batches = tqdm(range(first, min(steps_per_epoch, first + last_step - step)), initial=first,
+                       total=steps_per_epoch, desc=f"epoch {epoch}", leave=False, disable=not args.progress)
+        for batch in batches:
+            real = utils.to_model_range(images[perm[batch * args.batch_size:(batch + 1) * args.batch_size]])
+            z = torch.randn(args.batch_size, args.z_dim, device=device)
+            # (1) Update D: maximize log D(x) + log(1 - D(G(z)))
+            # (2) Update G: maximize log D(G(z))
+            loss_D, loss_G, d_real, d_fake = train_step(G, D, opt_G, opt_D, real, z)
+            if ema:
+                ema.update(G)
+            step, count = step + 1, count + 1
+            values = {"loss/D": loss_D, "loss/G": loss_G, "D(x)": d_real, "D(G(z))": d_fake}
+            sums = {name: sums.get(name, 0) + value for name, value in values.items()}
+            if step % args.log_every == 0:  # the only host sync of a step
+                batches.set_postfix({k: f"{v:.4g}" for k, v in utils.log_scalars(writer, step, values).items()})
+            if args.checkpoint_every and step % args.checkpoint_every == 0:
+                save_checkpoint()
+            if stop:
+                break
+
+        # The epoch's end, or where the run stops inside it: means, the grid, a checkpoint, an evaluation.
+        means = utils.log_scalars(writer, step, {k: v / count for k, v in sums.items()}, "epoch_mean/")
+        print(f"epoch {epoch}/{args.epochs}  step {step}  " + "  ".join(f"{k} {v:.4f}" for k, v in means.items())
+              + f"  ({time.time() - started:.1f}s)", flush=True)
+        whole = step % steps_per_epoch == 0
+        if ema:
+            ema.calibrate()  # BatchNorm statistics of the averaged weights (none in this generator: a no-op)
+        utils.save_samples(writer, run_dir, generate(G_sample, fixed_noise).view(-1, *images.shape[1:]), step,
+                           epoch if whole else None)
+        save_checkpoint()
+        if args.eval and args.eval_every and whole and epoch % args.eval_every == 0 and step < last_step and not stop:
+            evaluation()
+
+    if stop:
+        writer.close()
+        raise utils.UserError(f"stopped by {signal.Signals(stop['signal']).name}: the checkpoint of step {step}"
+                              f" is saved; continue with --resume {run_dir}", 128 + stop["signal"])
+    if args.eval:
+        metrics = {"step": step, "n": args.eval_n, **evaluation(),
+                   "classifier_sha256": evaluate.reference(args.dataset, args.data_root, device)[1]["sha256"]}
+        utils.write_atomic(run_dir / "metrics.json", lambda f: f.write(json.dumps(metrics, indent=2).encode()))
+    writer.close()
+    print(f"done: {run_dir} (step {step})")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Wasserstein GAN with weight clipping (Arjovsky et al., 2017, Algorithm 1): an MLP generator against a linear critic.
+"""Wasserstein GAN with weight clipping (Arjovsky et al., 2017, Algorithm 1): an MLP generator against an MLP critic.
 
     python train_wgan.py                             # FashionMNIST, 20 epochs
     tensorboard --logdir runs
@@ -6,60 +6,73 @@
 Critic: minimize -mean C(x) + mean C(G(z)), then clip every critic weight to [-c, c] (a crude Lipschitz bound).
 Generator: every n_critic critic steps, minimize -mean C(G(z)). Both with RMSprop, as the paper advises.
 """
+import json
+import signal
 import sys
+import time
 
 import torch
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
 
-import config
-import data
-import training
+import evaluate
 import utils
-from models import Critic, WGANGenerator
+from models import EMA, Critic, WGANGenerator, generate
 
-ALGO = "wgan"
-
-
-# Algorithm 1 of the paper: `--preset paper`; the WGAN source's own run: `--preset source`. The defaults were chosen by
-# measured sample quality at 10 epochs, and --epochs before the clipped critic stops measuring: its Wasserstein estimate
-# reaches 0 near epoch 30 and FID rises after it (README, "The plain commands, to their end"; every run tried
-# is in docs/tuning.md).
+SCRIPT = "train_wgan"
+# Algorithm 1 of the paper: --preset paper; the WGAN source's own run: --preset source. The defaults were chosen by
+# measured sample quality, and --epochs before the clipped critic stops measuring: its Wasserstein estimate reaches 0
+# near epoch 30 and FID rises after it (README, Results; every setting tried: docs/tuning.md).
 PAPER = {"lr": 5e-5, "clip_value": 0.01, "n_critic": 5, "batch_size": 64, "z_dim": 100, "img_size": 28,
          "g_widths": [128, 256, 512, 1024], "critic_widths": [512, 256], "ema_decay": 0.0}
-PRESETS = {
-    "default": {},
-    "paper": PAPER,
-    "source": {**PAPER, "clip_value": 0.005, "n_critic": 25, "img_size": 32},
-}
+PRESETS = {"default": {}, "paper": PAPER, "source": {**PAPER, "clip_value": 0.005, "n_critic": 25, "img_size": 32}}
 
 
 def make_parser():
-    parser = config.make_parser(__doc__, PRESETS, dataset="fashion-mnist", epochs=20, batch_size=64, lr=1e-4,
-                                z_dim=100, img_size=28, log_every=100,
-                                min_batch=(2, "BatchNorm needs 2 or more images per batch"))
-    parser.add_argument("--clip-value", type=utils.positive_float, default=0.01,
-                        help="critic weights clipped to [-c, c]")
-    parser.add_argument("--n-critic", type=utils.positive_int, default=1, help="critic steps per generator step")
-    parser.add_argument("--g-widths", type=utils.width, nargs="+", default=[128, 256, 512, 1024],
-                        help="generator block widths (BatchNorm1d in all but the first)")
-    parser.add_argument("--critic-widths", type=utils.width, nargs="+", default=[512, 256],
-                        help="critic hidden widths")
-    parser.add_argument("--ema-decay", type=utils.fraction, default=0.998,
-                        help="decay of the generator's weight average used for samples and evaluations (0 = off)")
-    parser.add_argument("--n-samples", type=utils.N_SAMPLES, default=64, help="size of the fixed noise batch")
+    parser = utils.ArgumentParser(__doc__)
+    add = parser.add_argument
+    add("--preset", choices=sorted(PRESETS), default="default", help="a set of defaults; typed flags override it")
+    add("--dataset", choices=sorted(utils.DATASETS), default="fashion-mnist")
+    add("--data-root", default="data", help="holds <MNIST|FashionMNIST>/raw/ (downloaded there when missing)")
+    add("--epochs", type=utils.positive_int, default=20, help="passes over the training split")
+    add("--batch-size", type=utils.positive_int, default=64, help="images per critic step (BatchNorm needs 2 or more)")
+    add("--lr", type=utils.positive_float, default=1e-4, help="RMSprop's learning rate, both networks")
+    add("--clip-value", type=utils.positive_float, default=0.01, help="critic weights clipped to [-c, c]")
+    add("--n-critic", type=utils.positive_int, default=1, help="critic steps per generator step")
+    add("--z-dim", type=utils.positive_int, default=100, help="size of the generator's noise")
+    add("--g-widths", type=utils.positive_int, nargs="+", default=[128, 256, 512, 1024],
+        help="generator block widths (BatchNorm1d in all but the first)")
+    add("--critic-widths", type=utils.positive_int, nargs="+", default=[512, 256], help="critic hidden widths")
+    add("--ema-decay", type=utils.fraction, default=0.998,
+        help="decay of the generator's weight average, which draws the samples and is evaluated (0 = off)")
+    add("--img-size", type=utils.positive_int, default=28, help="train on images resized to this side")
+    add("--seed", type=int, default=1, help="seeds every random number: weights, data order, noise")
+    add("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto", help="auto = cuda, else mps, else cpu")
+    add("--runs-dir", default="runs", help="where run folders are made")
+    add("--run-name", default=None, help="the run folder's name (default wgan-<dataset>-<date>-<time>)")
+    add("--resume", metavar="RUN", help="continue this run folder exactly, with its flags (typed ones override)")
+    add("--log-every", type=utils.positive_int, default=100, help="steps between TensorBoard scalars")
+    add("--checkpoint-every", type=utils.non_negative_int, default=500,
+        help="steps between checkpoints (0 = epoch ends only); one is also saved at every epoch end and on Ctrl-C")
+    add("--max-steps", type=utils.positive_int, default=None, help="stop after this many critic steps in all")
+    add("--n-samples", type=utils.positive_int, default=64, help="images in the fixed-noise grid")
+    add("--eval-every", type=utils.non_negative_int, default=0, help="epochs between evaluations (0 = at the end)")
+    add("--eval-n", type=utils.positive_int, default=10000, help="generated images per evaluation")
+    add("--no-eval", dest="eval", action="store_false", help="no evaluation, no metrics.json")
+    add("--no-progress", dest="progress", action="store_false", help="one line per epoch, no progress bar")
     return parser
 
 
 def critic_step(G, C, opt_C, real, z, clip_value):
     """One critic step, minimize -mean C(x) + mean C(G(z)), then clip every critic weight to [-c, c].
 
-    The same numbers as the textbook form, textbook.wgan_step (tests/test_steps.py), with one critic forward for real
-    and fake and one clamp kernel for all weights. Returns the critic loss (detached: no host sync).
+    The numbers of the textbook form (tests/textbook.py), with one critic forward for real and fake and one clamp
+    kernel for all weights. Returns the critic loss (detached: no host sync).
     """
     with torch.no_grad():  # the fake is a constant here: no graph through G
         fake = G(z)
     batch = real.shape[0]
-    # One forward over both: the critic has no batch statistics, so this is the same math as two.
-    scores = C(torch.cat([real.flatten(1), fake.flatten(1)]))
+    scores = C(torch.cat([real.flatten(1), fake.flatten(1)]))  # the critic has no batch statistics: as two forwards
     loss_C = scores[batch:].mean() - scores[:batch].mean()
     opt_C.zero_grad(set_to_none=True)
     loss_C.backward()
@@ -72,8 +85,7 @@ def critic_step(G, C, opt_C, real, z, clip_value):
 
 
 def generator_step(G, C, opt_G, z):
-    """One generator step: minimize -mean C(G(z)); gradients go to G only (textbook.wgan_step with z_g). Returns the
-    loss (detached)."""
+    """One generator step: minimize -mean C(G(z)); gradients go to G only. Returns the loss (detached)."""
     loss_G = -C(G(z)).mean()
     opt_G.zero_grad(set_to_none=True)
     loss_G.backward(inputs=list(G.parameters()))
@@ -81,45 +93,132 @@ def generator_step(G, C, opt_G, z):
     return loss_G.detach()
 
 
-def make_networks(cfg, img_shape):
-    """G and the critic of this run, from its flags."""
-    return WGANGenerator(cfg.z_dim, img_shape, cfg.g_widths), Critic(img_shape, cfg.critic_widths)
-
-
 def main(argv=None):
-    # Setup (plumbing shared with train_vanilla_gan.py, in training.py): configuration, device, seed, data.
-    cfg, ckpt, device = training.setup(make_parser(), argv, PRESETS, ALGO)
-    images = data.load_train_images(cfg.dataset, cfg.data_root, cfg.img_size, device)
-    G, C = training.build_networks(make_networks, cfg, images, device)  # refused up front if they cannot fit
-    opt_G = torch.optim.RMSprop(G.parameters(), lr=cfg.lr, **utils.optimizer_kwargs(device, fused=False))
-    opt_C = torch.optim.RMSprop(C.parameters(), lr=cfg.lr, **utils.optimizer_kwargs(device, fused=False))
-    # The run folder (a --resume restores all of these from its checkpoint), TensorBoard, the weight average of G.
-    run = training.Run(ALGO, cfg, images, ckpt, G=G, C=C, opt_G=opt_G, opt_C=opt_C)
+    # Flags: typed > --preset > (with --resume) the checkpoint's > the defaults.
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    ckpt = utils.load_checkpoint(args.resume, SCRIPT) if args.resume else None
+    parser.set_defaults(**(ckpt["args"] if ckpt else PRESETS[args.preset]))
+    args = parser.parse_args(argv)
+    args.run_name = args.run_name or f"wgan-{args.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if args.batch_size < 2:
+        parser.error("argument --batch-size: must be 2 or more (BatchNorm needs 2 images per batch)")
+    device = utils.pick_device(args.device)
+    utils.seed_everything(args.seed)
 
-    critic_warned = False  # said once per process: the estimate tends to stay near 0 once there
-    with run:  # SIGINT/SIGTERM only set a flag: the step finishes, a checkpoint is saved, then the exit
-        while run.continues():  # epochs left, --max-steps not reached, no signal
-            for step, idx in run.epoch_batches():  # step counts critic steps; ends early at --max-steps or on a signal
-                run.set_learning_rates(opt_C, opt_G)  # --lr, falling linearly to 0 over the last --lr-decay of the run
-                # (1) Update the critic: maximize mean C(x) - mean C(G(z)), then clip its weights to [-c, c]
-                real = data.to_model_range(images[idx])
-                z = torch.randn(cfg.batch_size, cfg.z_dim, device=device)
-                loss_C = critic_step(G, C, opt_C, real, z, cfg.clip_value)
-                run.record({"loss/critic": loss_C, "wasserstein_estimate": -loss_C})
-                # (2) Update G every n_critic critic steps: maximize mean C(G(z))
-                if step % cfg.n_critic == 0:
-                    loss_G = generator_step(G, C, opt_G, torch.randn(cfg.batch_size, cfg.z_dim, device=device))
-                    run.update_average(G)
-                    run.record({"loss/G": loss_G})
-                run.after_step()  # TensorBoard every --log-every steps, a checkpoint every --checkpoint-every
-            means = run.end_epoch()  # epoch means; sample grid; every --eval-every epochs an evaluation; checkpoint
-            if means.get("wasserstein_estimate", 1.0) <= 0 and not critic_warned:  # the critic stopped measuring
-                critic_warned = True
-                print(f"warning: the Wasserstein estimate of the epoch ending at step {run.step} is"
-                      f" {means['wasserstein_estimate']:.2e}, at or below 0: the critic no longer tells real images"
-                      " from generated ones, and samples tend to get worse from here on: stop the run (Ctrl-C keeps"
-                      " its checkpoint) and score it with evaluate.py, or train with fewer --epochs", file=sys.stderr)
-    run.finish()  # the final evaluation, metrics.json
+    # Data (the training split, resident on the device as uint8: a batch is an index), what the evaluation needs
+    # (checked now rather than after the training), networks, optimizers, the generator's weight average.
+    images = utils.resize(utils.load_images(args.dataset, args.data_root)[0], args.img_size)[:, None].to(device)
+    if args.eval:
+        evaluate.reference(args.dataset, args.data_root, device)
+    img_shape = tuple(images.shape[1:])
+    G = WGANGenerator(args.z_dim, img_shape, args.g_widths).to(device)
+    C = Critic(img_shape, args.critic_widths).to(device)
+    opt_G = torch.optim.RMSprop(G.parameters(), lr=args.lr, foreach=True)  # one kernel for all weights
+    opt_C = torch.optim.RMSprop(C.parameters(), lr=args.lr, foreach=True)
+    ema = EMA(G, args.ema_decay) if args.ema_decay else None
+    G_sample = ema.model if ema else G  # what draws the grids and is evaluated
+
+    # The run folder (new, or the one resumed: every state restored from its checkpoint) and TensorBoard.
+    run_dir, lock = utils.make_run_dir(args, resuming=ckpt is not None)  # the lock is held while this process lives
+    fixed_noise = torch.randn(args.n_samples, args.z_dim, device=device)  # the grids' noise
+    step = 0  # critic steps done, over the whole run
+    if ckpt:
+        try:
+            for part, name in ((G, "G"), (C, "C"), (opt_G, "opt_G"), (opt_C, "opt_C"), (ema, "G_ema")):
+                if part:
+                    part.load_state_dict(ckpt[name])
+        except (RuntimeError, ValueError, KeyError) as e:  # a typed flag changed a network's shape
+            raise utils.UserError(f"{run_dir}: its checkpoint does not fit these flags ({utils.reason(e)}); resume"
+                                  " without the flags that change the networks") from None
+        step, fixed_noise = ckpt["step"], ckpt["fixed_noise"].to(device)
+        utils.set_rng_state(ckpt["rng"], device)
+        print(f"resuming {run_dir} at step {step}")
+    writer = SummaryWriter(run_dir, purge_step=step + 1 if ckpt else None)  # purge: no point logged twice
+    if not ckpt:
+        writer.add_text("config", f"```\n{json.dumps(vars(args), indent=2)}\n```", 0)
+        writer.add_image("real", utils.image_grid(utils.to_model_range(images[:args.n_samples])), 0)
+
+    def save_checkpoint():  # everything a resume needs, written atomically
+        utils.save_checkpoint({
+            "format": utils.CHECKPOINT_FORMAT, "script": SCRIPT, "args": vars(args), "step": step,
+            "G_class": type(G).__name__, "G_args": G.model_args, "G": G.state_dict(), "C": C.state_dict(),
+            "opt_G": opt_G.state_dict(), "opt_C": opt_C.state_dict(), "G_ema": ema.state_dict() if ema else None,
+            "fixed_noise": fixed_noise.cpu(), "rng": utils.rng_state(device)}, run_dir / "checkpoint.pt")
+
+    def evaluation():  # on the features of the shipped classifier: evaluate.py
+        result = evaluate.score(G_sample, args.eval_n, args.dataset, args.data_root, device)
+        for name in evaluate.LOGGED:
+            writer.add_scalar(f"eval/{name}", result[name], step)
+        print(f"eval at step {step} ({args.eval_n} samples): " + "  ".join(f"{n} {result[n]:.4g}"
+                                                                           for n in evaluate.LOGGED), flush=True)
+        return result
+
+    steps_per_epoch = len(images) // args.batch_size  # the last partial batch is dropped
+    last_step = min(args.epochs * steps_per_epoch, args.max_steps or float("inf"))
+    order = torch.Generator().manual_seed(args.seed)  # the batch order: one permutation per epoch, drawn in turn
+    for _ in range(step // steps_per_epoch):  # the epochs a resumed run has done
+        torch.randperm(len(images), generator=order)
+    stop = utils.stop_on_signals()  # SIGINT/SIGTERM: the step finishes, a checkpoint is saved, then the exit
+    critic_warned = False  # said once: the estimate tends to stay near 0 once there
+    latest = {}  # the latest value of each scalar (the generator's loss is from the last generator step)
+    while step < last_step and not stop:
+        epoch, started = step // steps_per_epoch + 1, time.time()
+        perm = torch.randperm(len(images), generator=order).to(device)
+        sums, counts = {}, {}  # the sums of this epoch's values (tensors: no host sync per step), and their counts
+        first = step % steps_per_epoch  # not 0 in a run resumed mid-epoch
+        batches = tqdm(range(first, min(steps_per_epoch, first + last_step - step)), initial=first,
+                       total=steps_per_epoch, desc=f"epoch {epoch}", leave=False, disable=not args.progress)
+        for batch in batches:
+            step += 1
+            # (1) Update the critic: maximize mean C(x) - mean C(G(z)), then clip its weights to [-c, c]
+            real = utils.to_model_range(images[perm[batch * args.batch_size:(batch + 1) * args.batch_size]])
+            z = torch.randn(args.batch_size, args.z_dim, device=device)
+            loss_C = critic_step(G, C, opt_C, real, z, args.clip_value)
+            values = {"loss/critic": loss_C, "wasserstein_estimate": -loss_C}
+            # (2) Update G every n_critic critic steps: maximize mean C(G(z))
+            if step % args.n_critic == 0:
+                values["loss/G"] = generator_step(G, C, opt_G, torch.randn(args.batch_size, args.z_dim, device=device))
+                if ema:
+                    ema.update(G)
+            latest.update(values)
+            for name, value in values.items():
+                sums[name], counts[name] = sums.get(name, 0) + value, counts.get(name, 0) + 1
+            if step % args.log_every == 0:  # the only host sync of a step
+                batches.set_postfix({k: f"{v:.4g}" for k, v in utils.log_scalars(writer, step, latest).items()})
+            if args.checkpoint_every and step % args.checkpoint_every == 0:
+                save_checkpoint()
+            if stop:
+                break
+
+        # The epoch's end, or where the run stops inside it: means, the grid, a checkpoint, an evaluation.
+        means = utils.log_scalars(writer, step, {k: v / counts[k] for k, v in sums.items()}, "epoch_mean/")
+        print(f"epoch {epoch}/{args.epochs}  step {step}  " + "  ".join(f"{k} {v:.4f}" for k, v in means.items())
+              + f"  ({time.time() - started:.1f}s)", flush=True)
+        if means["wasserstein_estimate"] <= 0 and not critic_warned:  # the critic no longer measures anything
+            critic_warned = True
+            print(f"warning: the Wasserstein estimate of the epoch ending at step {step} is"
+                  f" {means['wasserstein_estimate']:.2e}, at or below 0: the critic no longer tells real images from"
+                  " generated ones, and samples tend to get worse from here on: stop the run (Ctrl-C keeps its"
+                  " checkpoint) and score it with evaluate.py, or train with fewer --epochs", file=sys.stderr)
+        whole = step % steps_per_epoch == 0
+        if ema:
+            ema.calibrate()  # BatchNorm statistics of the averaged weights, for the grid (saving does it too)
+        utils.save_samples(writer, run_dir, generate(G_sample, fixed_noise), step, epoch if whole else None)
+        save_checkpoint()
+        if args.eval and args.eval_every and whole and epoch % args.eval_every == 0 and step < last_step and not stop:
+            evaluation()
+
+    if stop:
+        writer.close()
+        raise utils.UserError(f"stopped by {signal.Signals(stop['signal']).name}: the checkpoint of step {step} is"
+                              f" saved; continue with --resume {run_dir}", 128 + stop["signal"])
+    if args.eval:
+        metrics = {"step": step, "n": args.eval_n, **evaluation(),
+                   "classifier_sha256": evaluate.reference(args.dataset, args.data_root, device)[1]["sha256"]}
+        utils.write_atomic(run_dir / "metrics.json", lambda f: f.write(json.dumps(metrics, indent=2).encode()))
+    writer.close()
+    print(f"done: {run_dir} (step {step})")
 
 
 if __name__ == "__main__":

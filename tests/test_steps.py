@@ -2,11 +2,9 @@
 import numpy as np
 import torch
 
-import bench
 import textbook
 import train_vanilla_gan
 import train_wgan
-import training
 from models import Critic, Discriminator, Generator, WGANGenerator
 
 
@@ -122,35 +120,3 @@ def test_fast_wgan_steps_equal_the_textbook_step():
     # the fake term carry rounding noise into the update; any real difference in the math moves weights by ~lr.
     diffs = torch.cat([(a - b).abs().flatten() for a, b in zip(C1.parameters(), C2.parameters())])
     assert diffs.max() < 0.5 * 5e-5 and diffs.median() < 1e-9
-
-
-def test_step_flops_match_a_hand_count_so_no_needless_work_is_done():
-    """Matrix-multiply FLOPs of one step at the default sizes, counted by hand (multiply-adds x 2). Ours skips what
-    the algorithm does not need: G's graph in the D step, D's weight gradients in the G step, gradients w.r.t. data."""
-    cpu = torch.device("cpu")
-    batches = iter(lambda: torch.rand(64, 1, 28, 28) * 2 - 1, None)
-    _, ours, _, _ = bench.vanilla_setup(cpu)
-    g_fwd = 32 * (64 * 256 + 256 * 784)
-    d_step = 64 * (784 * 128 + 128) + 64 * 128 * 784 + 64 * 128 * 2  # forward on real+fake; weight grads only
-    g_step = 32 * (784 * 128 + 128) * 2 + 32 * (784 * 256) * 2 + 32 * 64 * 256  # D fwd+input grads; G grads
-    batches32 = iter(lambda: torch.rand(32, 1, 28, 28) * 2 - 1, None)
-    assert bench.flops_per_step(ours, batches32, n=2) == 2 * (g_fwd + d_step + g_step)
-    ref, _, _, _ = bench.vanilla_setup(cpu)
-    assert bench.flops_per_step(ref, batches32, n=2) > 1.3 * 2 * (g_fwd + d_step + g_step)
-
-    _, ours, _, _ = bench.wgan_setup(cpu)
-    g_widths = 100 * 128 + 128 * 256 + 256 * 512 + 512 * 1024 + 1024 * 784
-    c_widths = 784 * 512 + 512 * 256 + 256
-    critic_step = 64 * g_widths + 2 * 128 * c_widths + 128 * (512 * 256 + 256)  # no grads through G or to the data
-    generator_step = 2 * 64 * g_widths + 64 * (g_widths - 100 * 128) + 2 * 64 * c_widths
-    assert bench.flops_per_step(ours, batches, n=5) == 2 * (critic_step + generator_step / 5)
-
-
-def test_epoch_means_average_each_group_over_the_steps_that_recorded_it():
-    means = training.EpochMeans()
-    for step in range(1, 7):  # a WGAN epoch with n_critic 3: six critic steps, two generator steps
-        means.add({"loss/critic": torch.tensor(float(step)), "wasserstein_estimate": torch.tensor(-float(step))})
-        if step % 3 == 0:
-            means.add({"loss/G": torch.tensor(10.0 * step)})
-    result = {name: value.item() for name, value in means.result().items()}
-    assert result == {"loss/critic": 3.5, "wasserstein_estimate": -3.5, "loss/G": 45.0}

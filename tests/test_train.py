@@ -1,21 +1,22 @@
-"""End-to-end runs of both scripts on tiny data: what they write, exact resume after SIGKILL, SIGINT, divergence."""
+"""Both scripts end to end on tiny data: the files a run writes, exact resume after kill -9 and after SIGTERM, one
+writer per run folder, a NaN, a full disk."""
 import json
 import random
-import re
+import time
 
 import pytest
 import torch
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-import classifier
-import training
-from conftest import SMALL_VANILLA, SMALL_WGAN, assert_same, run_hooked, run_in_process, run_script
+import evaluate
+import train_vanilla_gan
+import train_wgan
+import utils
+from conftest import SMALL_VANILLA, SMALL_WGAN, assert_same_training, load, run_hooked, run_in_process
 
-SCRIPTS = {
-    "vanilla": ("train_vanilla_gan.py", SMALL_VANILLA, ["loss/D", "loss/G", "D(x)", "D(G(z))"]),
-    "wgan": ("train_wgan.py", SMALL_WGAN, ["loss/critic", "loss/G", "wasserstein_estimate"]),
-}
+SCRIPTS = {"vanilla": (train_vanilla_gan, SMALL_VANILLA, ["loss/D", "loss/G", "D(x)", "D(G(z))"]),
+           "wgan": (train_wgan, SMALL_WGAN, ["loss/critic", "wasserstein_estimate", "loss/G"])}
 
 
 def events(run_dir):
@@ -24,164 +25,150 @@ def events(run_dir):
     return acc
 
 
-def load(run_dir):
-    return torch.load(run_dir / "checkpoint.pt", weights_only=True)
+def train(algo, data_root, runs, name, *flags):
+    module, small, _ = SCRIPTS[algo]
+    return run_in_process(module, ["--data-root", data_root, "--runs-dir", runs, "--run-name", name, *small, *flags])
 
 
 @pytest.mark.parametrize("algo", ["vanilla", "wgan"])
-def test_run_writes_events_grids_and_checkpoint(tmp_path, data_root, algo):
-    script, small, scalars = SCRIPTS[algo]
+def test_a_run_writes_scalars_grids_gif_checkpoint_and_metrics(tmp_path, data_root, algo):
     size = 32 if algo == "wgan" else 28
-    out = run_script(script, "--data-root", data_root, "--runs-dir", tmp_path / "runs", "--run-name", "r",
-                     "--epochs", 2, "--log-every", 2, "--img-size", size, *small)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.count("epoch ") == 2 and "epoch 2/2  step 16" in out.stdout  # 128 images / 16 = 8 steps/epoch
-    run = tmp_path / "runs" / "r"
+    code, out, err = train(algo, data_root, tmp_path, "r", "--epochs", 2, "--log-every", 1, "--img-size", size)
+    assert code == 0, err
+    assert out.count("\nepoch ") + out.startswith("epoch ") == 2 and "epoch 2/2  step 16" in out  # 128 / 16 = 8 a epoch
+    run = tmp_path / "r"
     acc = events(run)
-    tags = acc.Tags()
-    assert set(scalars) <= set(tags["scalars"])
-    assert [e.step for e in acc.Scalars(scalars[0])] == list(range(2, 17, 2))
-    assert {"fake", "real"} <= set(tags["images"])
-    assert [e.step for e in acc.Images("fake")] == [8, 16]
-    assert "config/text_summary" in tags["tensors"]
+    scalars = SCRIPTS[algo][2]
+    assert set(scalars) | {f"epoch_mean/{s}" for s in scalars} | {f"eval/{m}" for m in evaluate.LOGGED} == \
+        set(acc.Tags()["scalars"])
+    critic_steps = [e.step for e in acc.Scalars(scalars[0])]
+    assert critic_steps == list(range(1, 17))
+    for name in scalars:  # an epoch mean is the mean of its steps' values (the WGAN's loss/G: of its G steps)
+        steps = {e.step: e.value for e in acc.Scalars(name)}
+        g_steps = [s for s in range(1, 9) if algo == "vanilla" or name != "loss/G" or s % 3 == 0]
+        assert acc.Scalars(f"epoch_mean/{name}")[0].value == pytest.approx(
+            sum(steps[s] for s in g_steps) / len(g_steps), rel=1e-5), name
+    assert [e.step for e in acc.Images("fake")] == [8, 16] and [e.step for e in acc.Images("real")] == [0]
     config = acc.Tensors("config/text_summary")[0].tensor_proto.string_val[0].decode()
     assert '"batch_size": 16' in config
-    for epoch in (1, 2):  # the fixed-noise grid: 8 columns of size + 2 px padding
-        grid = Image.open(run / "samples" / f"epoch_{epoch:03d}.png")
-        n = 32 if algo == "vanilla" else 64
-        assert grid.size == (8 * (size + 2) + 2, (n // 8) * (size + 2) + 2)
+    n = 32 if algo == "vanilla" else 64  # the fixed-noise grid: 8 columns of size + 2 px padding
+    for epoch in (1, 2):
+        assert Image.open(run / "samples" / f"epoch_{epoch:03d}.png").size == (8 * (size + 2) + 2,
+                                                                                (n // 8) * (size + 2) + 2)
+    with Image.open(run / "samples" / "progress.gif") as gif:
+        assert gif.n_frames == 2
     ckpt = load(run)
-    assert ckpt["step"] == 16 and ckpt["order"]["epoch"] == 2 and ckpt["order"]["position"] == 0
-    assert ckpt["args"]["img_size"] == size
+    assert ckpt["format"] == 2 and ckpt["script"] == f"train_{'vanilla_gan' if algo == 'vanilla' else 'wgan'}"
+    assert ckpt["step"] == 16 and ckpt["args"]["img_size"] == size and ckpt["G_class"] in ("Generator", "WGANGenerator")
     assert not list(run.glob("*.tmp"))
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["step"] == 16 and metrics["n"] == 64 and 0 <= metrics["precision"] <= 1 and metrics["fid"] > 0
-    assert metrics["classifier_sha256"] == classifier.SHIPPED_SHA256[ckpt["args"]["dataset"]]
-    assert [e.step for e in acc.Scalars("eval/fid")] == [16]
-    assert "eval at step 16 (64 samples): fid" in out.stdout
+    assert metrics["classifier_sha256"] == evaluate.SHIPPED_SHA256[ckpt["args"]["dataset"]]
+    assert [e.step for e in acc.Scalars("eval/fid")] == [16] and "eval at step 16 (64 samples): fid" in out
 
 
-def test_decayed_lr_is_constant_then_falls_linearly_over_the_last_share_of_the_steps():
-    lrs = [training.decayed_lr(0.3, step, 10, 0.4) for step in range(1, 11)]  # the last 4 of 10 steps decay
-    assert lrs == pytest.approx([0.3] * 7 + [0.225, 0.15, 0.075])
-    assert [training.decayed_lr(0.3, step, 10, 1.0) for step in (1, 2, 10)] == pytest.approx([0.3, 0.27, 0.03])
-    assert {training.decayed_lr(0.3, step, 10, 0.0) for step in range(1, 11)} == {0.3}
-
-
-def test_wgan_warns_when_its_wasserstein_estimate_falls_to_or_below_zero_and_goes_on(tmp_path, data_root,
-                                                                                   monkeypatch):
-    import train_wgan
-    real_step = train_wgan.critic_step
-    argv = ["--data-root", data_root, "--epochs", "2", "--no-eval", *SMALL_WGAN]
-    # an estimate of 4e-5, above 0 (4 decimal places would show it as 0): no warning
-    monkeypatch.setattr(train_wgan, "critic_step", lambda *a: real_step(*a) * 0 - 4e-5)
-    code, _, err = run_in_process(train_wgan, [*argv, "--runs-dir", tmp_path, "--run-name", "healthy"])
-    assert code == 0 and "warning" not in err, err
-    # a critic whose loss is above 0: mean C(x) < mean C(G(z)), an estimate below 0
-    monkeypatch.setattr(train_wgan, "critic_step", lambda *a: real_step(*a).abs() + 0.01)
-    code, out, err = run_in_process(train_wgan, [*argv, "--runs-dir", tmp_path, "--run-name", "dying"])
-    assert code == 0 and out.count("\nepoch ") + out.startswith("epoch ") == 2 and "done: " in out
-    lines = err.splitlines()  # one line, after the first epoch: not repeated after the second
-    assert len(lines) == 1 and all(re.fullmatch(
-        rf"warning: the Wasserstein estimate of the epoch ending at step {step} is -\d\.\d\de-\d\d, at or below 0: the"
-        " critic no longer tells real images from generated ones, and samples tend to get worse from here on: stop"
-        r" the run \(Ctrl-C keeps its checkpoint\) and score it with evaluate\.py, or train with fewer --epochs", line)
-        for step, line in zip((8, 16), lines)), err
-
-
-def test_wgan_generator_steps_every_n_critic(tmp_path, data_root, monkeypatch):
-    import train_wgan
-    import utils
-
+def test_the_wgan_steps_its_generator_every_n_critic_critic_steps(tmp_path, data_root, monkeypatch):
     calls = []
     real_step = train_wgan.generator_step
     monkeypatch.setattr(train_wgan, "generator_step", lambda *a: calls.append(1) or real_step(*a))
-    utils.run_main(train_wgan.main, ["--data-root", str(data_root), "--runs-dir", str(tmp_path), "--run-name", "g",
-                                     "--max-steps", "13", *SMALL_WGAN])  # n_critic 3
-    assert len(calls) == 4  # after critic steps 3, 6, 9, 12
-    assert load(tmp_path / "g")["step"] == 13
+    assert train("wgan", data_root, tmp_path, "g", "--max-steps", 13, "--no-eval")[0] == 0  # n_critic 3
+    assert len(calls) == 4 and load(tmp_path / "g")["step"] == 13  # after critic steps 3, 6, 9, 12
+    assert load(tmp_path / "g")["G_ema"]["updates"] == 4
 
 
-@pytest.mark.parametrize("algo", ["vanilla", "wgan"])
-def test_sigkill_then_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, data_root, algo):
-    script, small, scalars = SCRIPTS[algo]
-    common = ["--data-root", str(data_root), "--epochs", "3", "--log-every", "1", "--checkpoint-every", "5",
-              "--ema-decay", "0.7", "--lr-decay", "0.5", *small]  # a short average: it moves a lot each step
-    full = run_script(script, "--runs-dir", tmp_path / "a", "--run-name", "r", *common)
-    assert full.returncode == 0, full.stderr
-
+@pytest.mark.parametrize("algo,sig", [("vanilla", "SIGKILL"), ("wgan", "SIGKILL"), ("wgan", "SIGTERM")])
+def test_a_run_killed_mid_epoch_resumes_bit_identical_to_a_run_never_stopped(tmp_path, data_root, algo, sig):
+    common = ["--epochs", 3, "--log-every", 1, "--checkpoint-every", 5, "--ema-decay", 0.7, "--no-eval"]
+    assert train(algo, data_root, tmp_path / "a", "r", *common)[0] == 0
     kill_at = random.Random().randint(6, 23)  # 24 steps in all; a fresh random step each time the test runs
-    argv = ["--runs-dir", str(tmp_path / "b"), "--run-name", "r", *common]
-    killed = run_hooked(script[:-3], kill_at, "SIGKILL", *argv)
-    assert killed.returncode == -9, killed.stderr
-    saved = load(tmp_path / "b" / "r")["step"]
-    # killed inside step kill_at: the last checkpoint is the last periodic (every 5) or epoch-end (every 8) one before
-    assert saved == max(s for s in range(kill_at) if s % 5 == 0 or s % 8 == 0), kill_at
-    resumed = run_script(script, "--resume", tmp_path / "b" / "r")
-    assert resumed.returncode == 0, resumed.stderr
-    assert f"resuming {tmp_path / 'b' / 'r'} at step {saved}" in resumed.stdout
-
-    a, b = load(tmp_path / "a" / "r"), load(tmp_path / "b" / "r")
+    module, small, scalars = SCRIPTS[algo]
+    run = tmp_path / "b" / "r"
+    killed = run_hooked(module.__name__, kill_at, sig, "--data-root", data_root, "--runs-dir", tmp_path / "b",
+                        "--run-name", "r", *small, *common)
+    if sig == "SIGKILL":  # the last checkpoint is the last periodic (every 5) or epoch-end (every 8) one before
+        assert killed.returncode == -9, killed.stderr
+        saved = max(s for s in range(kill_at) if s % 5 == 0 or s % 8 == 0)
+    else:  # SIGTERM: the step finishes, its checkpoint is saved, exit 128 + 15 with one line
+        assert (killed.returncode, killed.stderr) == (143, f"error: stopped by SIGTERM: the checkpoint of step"
+                                                           f" {kill_at} is saved; continue with --resume {run}\n")
+        saved = kill_at
+    assert load(run)["step"] == saved, kill_at
+    time.sleep(1)  # TensorBoard reads event files in the order of the second they were made in, then the process id
+    code, out, err = run_in_process(module, ["--resume", run])
+    assert code == 0 and f"resuming {run} at step {saved}" in out, err
+    a, b = load(tmp_path / "a" / "r"), load(run)
     assert a["step"] == b["step"] == 24
-    assert not torch.equal(a["G_ema"]["net.0.weight"], a["G"]["net.0.weight"])  # an average, not G
-    for net in [k for k in a if k in ("G", "D", "C", "G_ema")]:
-        for key in a[net]:
-            assert_same(a[net][key], b[net][key], f"{net}.{key} differs (killed at {kill_at})")
-    for opt in [k for k in a if k.startswith("opt_")]:
-        for pid, state in a[opt]["state"].items():
-            for key, value in state.items():
-                assert_same(value, b[opt]["state"][pid][key], f"{opt}.{pid}.{key}")
-    steps = [e.step for e in events(tmp_path / "b" / "r").Scalars(scalars[0])]
+    assert not torch.equal(a["G_ema"]["model"]["net.0.weight"], a["G"]["net.0.weight"])  # an average, not G
+    assert_same_training(a, b)
+    steps = [e.step for e in events(run).Scalars(scalars[0])]
     assert steps == list(range(1, 25)), f"TensorBoard steps doubled or missing (killed at {kill_at})"
-    # --lr-decay 0.5 of 24 steps: the learning rate of steps 1-13 is --lr, then it falls by lr/12 a step, to lr/12
-    lr = a["args"]["lr"]
-    logged = {e.step: e.value for e in events(tmp_path / "b" / "r").Scalars("lr")}
-    assert list(logged) == list(range(1, 25))
-    assert all(logged[step] == pytest.approx(lr * min(1, (25 - step) / 12), rel=1e-6) for step in logged), logged
-    assert [g["lr"] for opt in ("opt_G", "opt_D", "opt_C") if opt in b for g in b[opt]["param_groups"]] == \
-        pytest.approx([lr / 12] * 2, rel=1e-12)
 
 
-@pytest.mark.parametrize("algo,sig,code", [("vanilla", "SIGINT", 130), ("wgan", "SIGINT", 130),
-                                           ("wgan", "SIGTERM", 143)])
-def test_sigint_sigterm_save_a_loadable_checkpoint_and_exit(tmp_path, data_root, algo, sig, code):
-    script, small, _ = SCRIPTS[algo]
-    argv = ["--data-root", str(data_root), "--runs-dir", str(tmp_path), "--run-name", "r", "--epochs", "3",
-            "--checkpoint-every", "0", *small]
-    out = run_hooked(script[:-3], 11, sig, *argv)
-    assert out.returncode == code, out.stderr
-    assert f"interrupted by {sig}: checkpoint saved" in out.stderr and "Traceback" not in out.stderr
-    ckpt = load(tmp_path / "r")
-    assert ckpt["step"] == 11 and ckpt["order"]["position"] == 3  # mid-epoch 2
+def test_a_second_process_on_a_run_folder_is_refused_while_the_first_trains(tmp_path, data_root):
+    argv = ["--data-root", data_root, "--runs-dir", tmp_path, "--run-name", "r", *SMALL_VANILLA, "--no-eval"]
+    first = run_hooked("train_vanilla_gan", 3, "pause", *argv, "--checkpoint-every", 2, wait=False)
+    try:
+        assert first.stdout.readline() == "paused\n"
+        code, _, err = run_in_process(train_vanilla_gan, ["--resume", tmp_path / "r"])
+        assert (code, err) == (2, f"error: {tmp_path / 'r'} is in use by another training process; wait for it to end"
+                                  " or stop it\n")
+        assert load(tmp_path / "r")["step"] == 2  # untouched
+    finally:
+        first.kill()
+        first.wait()
+    assert run_in_process(train_vanilla_gan, ["--resume", tmp_path / "r", "--max-steps", 4])[0] == 0  # free again
 
 
 @pytest.mark.parametrize("algo", ["vanilla", "wgan"])
-def test_nan_stops_with_exit_3_and_keeps_the_last_good_checkpoint(tmp_path, data_root, algo):
-    script, small, _ = SCRIPTS[algo]
-    out = run_hooked(script[:-3], 7, "nan", "--data-root", data_root, "--runs-dir", tmp_path, "--run-name", "r",
-                     "--log-every", "1", "--checkpoint-every", "4", *small)  # a weight of D turns NaN before step 7
-    assert out.returncode == 3, out.stderr
-    lines = out.stderr.strip().splitlines()
-    assert lines[-1].startswith("error: training diverged at step 7: loss/")
-    assert "Traceback" not in out.stderr
+def test_a_nan_stops_the_run_in_one_line_and_keeps_the_last_good_checkpoint(tmp_path, data_root, algo, monkeypatch):
+    module = SCRIPTS[algo][0]
+    step_name = "train_step" if algo == "vanilla" else "critic_step"
+    real_step, count = getattr(module, step_name), [0]
+
+    def step(G, D, *args):  # a weight of D (the critic) turns NaN before step 7, as after an exploding update
+        count[0] += 1
+        if count[0] == 7:
+            with torch.no_grad():
+                next(D.parameters()).fill_(float("nan"))
+        return real_step(G, D, *args)
+
+    monkeypatch.setattr(module, step_name, step)
+    code, _, err = train(algo, data_root, tmp_path, "r", "--log-every", 1, "--checkpoint-every", 4)
+    assert code == 3 and err.count("\n") == 1 and err.startswith("error: training diverged at step 7: loss/"), err
     ckpt = load(tmp_path / "r")
-    assert ckpt["step"] == 4
-    assert all(torch.isfinite(v).all() for net in ("G", "D", "C") if net in ckpt for v in ckpt[net].values()
-               if v.is_floating_point())
+    assert ckpt["step"] == 4 and all(torch.isfinite(v).all() for v in ckpt["G"].values() if v.is_floating_point())
 
 
-@pytest.mark.parametrize("algo", ["vanilla", "wgan"])
-def test_evaluations_during_training_do_not_change_the_training(tmp_path, data_root, algo):
-    """--eval-every 1 ends with the same networks as --no-eval: loading the feature network and evaluating draw
-    nothing from the training's random numbers."""
-    script, small, _ = SCRIPTS[algo]
-    common = ["--data-root", str(data_root), "--epochs", "3", *small]
-    for name, flags in (("a", ["--eval-every", "1"]), ("b", ["--no-eval"])):
-        out = run_script(script, "--runs-dir", tmp_path, "--run-name", name, *common, *flags)
-        assert out.returncode == 0, out.stderr
-        assert out.stdout.count("eval at") == (0 if name == "b" else 3)
-    b = load(tmp_path / "b")
-    a = load(tmp_path / "a")
-    for net in [k for k in a if k in ("G", "D", "C", "G_ema")]:
-        for key in a[net]:
-            assert_same(a[net][key], b[net][key], f"{net}.{key}")
+def test_a_full_disk_ends_in_one_line_and_keeps_the_last_good_checkpoint(tmp_path, data_root, monkeypatch):
+    assert train("wgan", data_root, tmp_path, "r", "--max-steps", 4, "--no-eval")[0] == 0
+    good = (tmp_path / "r" / "checkpoint.pt").read_bytes()
+
+    def full_disk(state, f):
+        f.write(b"half a checkpoint")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    code, _, err = run_in_process(train_wgan, ["--resume", tmp_path / "r", "--max-steps", 8])
+    assert (code, err) == (4, f"error: cannot write {tmp_path / 'r' / 'checkpoint.pt'} (No space left on device);"
+                              " every file written before is kept: free space or fix the folder, then --resume the"
+                              " run\n")
+    assert (tmp_path / "r" / "checkpoint.pt").read_bytes() == good and not list((tmp_path / "r").glob("*.tmp"))
+
+
+def test_the_wgan_warns_once_when_its_wasserstein_estimate_falls_to_zero(tmp_path, data_root, monkeypatch):
+    real_step = train_wgan.critic_step
+    monkeypatch.setattr(train_wgan, "critic_step", lambda *a: real_step(*a).abs() + 0.01)  # mean C(x) < mean C(G(z))
+    code, out, err = train("wgan", data_root, tmp_path, "dying", "--epochs", 2, "--no-eval")
+    assert code == 0 and "done: " in out and err.count("\n") == 1, err  # after the first epoch, not again
+    assert err.startswith("warning: the Wasserstein estimate of the epoch ending at step 8 is -")
+
+
+def test_a_preset_sets_defaults_that_typed_flags_override_and_a_resume_keeps(tmp_path, data_root):
+    code, _, err = train("wgan", data_root, tmp_path, "p", "--preset", "source", "--max-steps", 2, "--no-eval",
+                         "--n-critic", 2)
+    assert code == 0, err
+    args = load(tmp_path / "p")["args"]
+    assert (args["clip_value"], args["img_size"], args["n_critic"], args["lr"]) == (0.005, 32, 2, 5e-5)
+    assert run_in_process(train_wgan, ["--resume", tmp_path / "p", "--max-steps", 4])[0] == 0
+    assert load(tmp_path / "p")["args"] == {**args, "max_steps": 4, "resume": str(tmp_path / "p")}
+    assert set(train_wgan.PRESETS["paper"]) <= set(args) and utils.CHECKPOINT_FORMAT == 2

@@ -1,27 +1,29 @@
 """Training-step speed of both scripts against a reference loop in the style of the two sources, in one process.
 
-    python bench.py --device cpu            # a table
-    python bench.py --device cpu --json     # one JSON line
+    python tools/bench.py --device cpu            # a table
+    python tools/bench.py --device cpu --json     # one JSON line
 
-Reference loop: textbook.py's steps (the sources' own: separate forwards, `retain_graph=True` in the vanilla D step,
-a clamp per critic parameter), plain optimizers, and a torchvision-style dataset (PIL image -> ToTensor -> Normalize
-per image) through a DataLoader. Ours: the very step functions the training scripts run,
-on the dataset resident on the device. Same data, device and sizes; warm-up first, then the two alternated.
+Reference loop: tests/textbook.py's steps (the sources' own: separate forwards, `retain_graph=True` in the vanilla
+D step, a clamp per critic parameter), plain optimizers, and a torchvision-style dataset (PIL image -> ToTensor ->
+Normalize per image) through a DataLoader. Ours: the very step functions the training scripts run, on the dataset
+resident on the device. Same data, device and sizes; warm-up first, then the two alternated.
 """
 import json
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
 from PIL import Image
 
-import textbook
-import train_vanilla_gan
-import train_wgan
-import utils
-from data import EpochOrder, load_split, to_model_range
-from models import Critic, Discriminator, Generator, WGANGenerator
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # the product, and the textbook steps beside its tests
+import textbook  # noqa: E402
+import train_vanilla_gan  # noqa: E402
+import train_wgan  # noqa: E402
+import utils  # noqa: E402
+from models import Critic, Discriminator, Generator, WGANGenerator  # noqa: E402
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -54,11 +56,12 @@ def reference_batches(images, batch_size, img_size, seed):
 
 
 def our_batches(images, batch_size, seed):
-    order = EpochOrder(len(images), batch_size, seed)
+    """The training scripts' batches: index slices of one permutation per epoch, the images resident on the device."""
+    order = torch.Generator().manual_seed(seed)
     while True:
-        for idx in order.batches(images.device):
-            yield to_model_range(images[idx])
-        order.next_epoch()
+        perm = torch.randperm(len(images), generator=order).to(images.device)
+        for i in range(len(images) // batch_size):
+            yield utils.to_model_range(images[perm[i * batch_size:(i + 1) * batch_size]])
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -73,7 +76,7 @@ def vanilla_setup(device, z_dim=64, batch=32, lr=3e-4):
     G1, D1 = nets()
     ref_opts = [torch.optim.Adam(m.parameters(), lr=lr, foreach=False) for m in (G1, D1)]
     G2, D2 = nets()
-    fast = utils.optimizer_kwargs(device)
+    fast = {"fused": True} if device.type in ("cpu", "cuda") else {"foreach": True}  # as train_vanilla_gan.py
     our_opts = [torch.optim.Adam(m.parameters(), lr=lr, **fast) for m in (G2, D2)]
 
     def ref(real):
@@ -93,8 +96,7 @@ def wgan_setup(device, z_dim=100, batch=64, lr=5e-5, n_critic=5, clip=0.01):
     G1, C1 = nets()
     ref_opts = [torch.optim.RMSprop(m.parameters(), lr=lr, foreach=False) for m in (G1, C1)]
     G2, C2 = nets()
-    fast = utils.optimizer_kwargs(device, fused=False)
-    our_opts = [torch.optim.RMSprop(m.parameters(), lr=lr, **fast) for m in (G2, C2)]
+    our_opts = [torch.optim.RMSprop(m.parameters(), lr=lr, foreach=True) for m in (G2, C2)]  # as train_wgan.py
     counts = [0, 0]
 
     def ref(real):
@@ -199,24 +201,23 @@ def bench_algo(setup, images, device, steps, repeats, warmup):
 
 
 def make_parser():
-    parser = utils.ArgumentParser(description=__doc__)
+    parser = utils.ArgumentParser(__doc__)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--data-root", type=utils.nonempty, default="data",
-                        help="as in the training scripts; random images if missing")
-    parser.add_argument("--steps", type=utils.int_range(1, 100_000), default=200, help="steps per timed segment")
-    parser.add_argument("--repeats", type=utils.int_range(1, 100), default=3, help="alternated segments per loop")
-    parser.add_argument("--warmup", type=utils.int_range(1, 100_000), default=30, help="untimed steps first")
+    parser.add_argument("--data-root", default="data", help="as in the training scripts; random images if missing")
+    parser.add_argument("--steps", type=utils.positive_int, default=200, help="steps per timed segment")
+    parser.add_argument("--repeats", type=utils.positive_int, default=3, help="alternated segments per loop")
+    parser.add_argument("--warmup", type=utils.positive_int, default=30, help="untimed steps first")
     parser.add_argument("--json", action="store_true", help="print one JSON line (by default a table)")
     return parser
 
 
 def main(argv=None):
     args = make_parser().parse_args(argv)
-    device = utils.select_device(args.device)
+    device = utils.pick_device(args.device)
     try:
-        images, _ = load_split("mnist", args.data_root, "train")
+        images, _ = utils.load_images("mnist", args.data_root)
         data = f"MNIST from {args.data_root}"
-    except utils.DataError:
+    except utils.UserError:
         images, data = torch.randint(0, 256, (60000, 28, 28), dtype=torch.uint8), "random uint8 images"
     matmul = matmul_gflops(device)
     device_name = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"

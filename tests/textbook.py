@@ -1,6 +1,6 @@
 """Each algorithm's step written the obvious way, as the two sources wrote it: separate real and fake forwards,
 F.binary_cross_entropy, `p.data.clamp_` per parameter. The training scripts run faster steps that compute the same
-numbers (tests/test_steps.py checks that step for step); bench.py times them against these.
+numbers (tests/test_steps.py checks that step for step); tools/bench.py times them against these.
 
 No `.item()` here either: a step returns detached tensors, so neither side pays a host sync per step.
 """

@@ -1,8 +1,8 @@
 """Curves of a run: the per-epoch loss means and the sample quality (eval/fid), read from the run's TensorBoard events.
 
-    python plot.py runs/<run>                      # writes runs/<run>/curves.png, prints Spearman's rho
-    python plot.py runs/<run> --out curves.png
-    python plot.py runs/<a> runs/<b> --out fid.png # several runs: eval/fid (and eval/recall) against epochs
+    python tools/plot.py runs/<run>                      # writes runs/<run>/curves.png, prints Spearman's rho
+    python tools/plot.py runs/<run> --out curves.png
+    python tools/plot.py runs/<a> runs/<b> --out fid.png # several runs: eval/fid (and eval/recall) against epochs
 
 The WGAN paper's practical claim (its Figures 3 and 4): the critic's Wasserstein estimate falls as the samples get
 better, while the vanilla GAN's discriminator loss says nothing about their quality. Spearman's rank correlation

@@ -1,0 +1,49 @@
+"""tools/: the benchmark (the steps it times do only the work the algorithm needs) and the plot of a run."""
+import json
+
+import torch
+
+import bench
+import plot
+import train_wgan
+from conftest import SMALL_WGAN, run_in_process
+
+
+def test_step_flops_match_a_hand_count_so_no_needless_work_is_done():
+    """Matrix-multiply FLOPs of one step at the benchmark's sizes, counted by hand (multiply-adds x 2). Ours skips what
+    the algorithm does not need: G's graph in the D step, D's weight gradients in the G step, gradients w.r.t. data."""
+    cpu = torch.device("cpu")
+    g_fwd = 32 * (64 * 256 + 256 * 784)
+    d_step = 64 * (784 * 128 + 128) + 64 * 128 * 784 + 64 * 128 * 2  # forward on real+fake; weight grads only
+    g_step = 32 * (784 * 128 + 128) * 2 + 32 * (784 * 256) * 2 + 32 * 64 * 256  # D fwd+input grads; G grads
+    batches32 = iter(lambda: torch.rand(32, 1, 28, 28) * 2 - 1, None)
+    ref, ours, _, _ = bench.vanilla_setup(cpu)
+    assert bench.flops_per_step(ours, batches32, n=2) == 2 * (g_fwd + d_step + g_step)
+    assert bench.flops_per_step(ref, batches32, n=2) > 1.3 * 2 * (g_fwd + d_step + g_step)
+    _, ours, _, _ = bench.wgan_setup(cpu)
+    g_widths = 100 * 128 + 128 * 256 + 256 * 512 + 512 * 1024 + 1024 * 784
+    c_widths = 784 * 512 + 512 * 256 + 256
+    critic_step = 64 * g_widths + 2 * 128 * c_widths + 128 * (512 * 256 + 256)  # no grads through G or to the data
+    generator_step = 2 * 64 * g_widths + 64 * (g_widths - 100 * 128) + 2 * 64 * c_widths
+    batches = iter(lambda: torch.rand(64, 1, 28, 28) * 2 - 1, None)
+    assert bench.flops_per_step(ours, batches, n=5) == 2 * (critic_step + generator_step / 5)
+
+
+def test_bench_times_both_loops_and_reports_their_ratio(tmp_path):
+    code, out, err = run_in_process(bench, ["--data-root", tmp_path, "--steps", 2, "--repeats", 1, "--warmup", 1,
+                                            "--json"])
+    assert code == 0, err
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["data"] == "random uint8 images" and result["matmul_gflops"] > 0
+    for algo in ("vanilla", "wgan"):
+        r = result[algo]
+        assert r["steps_per_s"] > 0 and abs(r["ratio"] - r["steps_per_s"] / r["ref_steps_per_s"]) < 0.01
+
+
+def test_plot_draws_a_run_and_sets_its_wasserstein_estimate_against_fid(tmp_path, data_root, capsys):
+    assert run_in_process(train_wgan, ["--data-root", data_root, "--runs-dir", tmp_path, "--run-name", "w",
+                                       "--epochs", 3, "--eval-every", 1, *SMALL_WGAN])[0] == 0
+    plot.run_main([str(tmp_path / "w")])
+    out = capsys.readouterr().out
+    assert f"wrote {tmp_path / 'w' / 'curves.png'}" in out and "Spearman rho(wasserstein_estimate, eval/fid) = " in out
+    assert (tmp_path / "w" / "curves.png").stat().st_size > 1000
