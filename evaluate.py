@@ -202,7 +202,7 @@ def interpolation(G, device, rows=8, steps=10, seed=0):
 def make_parser():
     parser = utils.ArgumentParser(__doc__)
     parser.add_argument("run", help="a run folder or its checkpoint.pt")
-    parser.add_argument("--n", type=utils.positive_int, default=10000, help="generated images")
+    parser.add_argument("--n", type=utils.eval_n, default=10000, help="generated images")
     parser.add_argument("--seed", type=int, default=0, help="seed of the sampled noise")
     parser.add_argument("--raw", action="store_true",
                         help="score the trained generator, not its weight average (when the checkpoint has one)")

@@ -57,7 +57,7 @@ def make_parser():
     add("--max-steps", type=utils.positive_int, default=None, help="stop after this many critic steps in all")
     add("--n-samples", type=utils.positive_int, default=64, help="images in the fixed-noise grid")
     add("--eval-every", type=utils.non_negative_int, default=0, help="epochs between evaluations (0 = at the end)")
-    add("--eval-n", type=utils.positive_int, default=10000, help="generated images per evaluation")
+    add("--eval-n", type=utils.eval_n, default=10000, help="generated images per evaluation")
     add("--no-eval", dest="eval", action="store_false", help="no evaluation, no metrics.json")
     add("--no-progress", dest="progress", action="store_false", help="one line per epoch, no progress bar")
     return parser

@@ -69,12 +69,18 @@ def run_main(main, argv=None):
         sys.exit(130)
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Each flag's default in --help, but not a switch's (--no-eval's default, True, would read as a contradiction)."""
+
+    def _get_help_string(self, action):
+        return action.help if action.nargs == 0 else super()._get_help_string(action)
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse with each flag's default in --help and a bad command line told in one line (not the usage block)."""
 
     def __init__(self, description):
-        super().__init__(description=description, allow_abbrev=False,
-                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        super().__init__(description=description, allow_abbrev=False, formatter_class=HelpFormatter)
 
     def error(self, message):
         raise UserError(f"{message} (see --help)")
@@ -96,6 +102,7 @@ positive_int = _number(int, lambda v: v > 0, "a positive integer")
 non_negative_int = _number(int, lambda v: v >= 0, "an integer of at least 0")
 positive_float = _number(float, lambda v: 0 < v < math.inf, "a positive number")
 fraction = _number(float, lambda v: 0 <= v < 1, "at least 0 and below 1")  # a decay, a dropout, a slope, a beta
+eval_n = _number(int, lambda v: v >= 4, "at least 4 (precision/recall use each sample's 3rd-nearest neighbour)")
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -50,6 +50,8 @@ CASES = {  # name: (command, its flags ({t}: the test's folder), exit code, what
                              "fashion-mnist could not be read from {t}/nothing/FashionMNIST/raw nor downloaded"),
     "a truncated data file": (train_vanilla_gan, "--data-root {t}/broken", 1, "mnist could not be read from"),
     "a flag out of range": (train_vanilla_gan, "--epochs 0", 2, "argument --epochs: must be a positive integer, got"),
+    "too few samples for precision/recall": (train_vanilla_gan, "--eval-n 3", 2,
+                                             "argument --eval-n: must be at least 4"),
     "a mistyped flag": (train_wgan, "--n-critics 5", 2, "unrecognized arguments: --n-critics 5 (see --help)"),
     "a batch BatchNorm cannot train on": (train_wgan, "--batch-size 1", 2, "--batch-size: must be 2 or more"),
     "an unknown preset": (train_vanilla_gan, "--preset paper", 2, "argument --preset: invalid choice: 'paper'"),
