@@ -182,14 +182,19 @@ def main(argv=None):
             values = {"loss/D": loss_D, "loss/G": loss_G, "D(x)": d_real, "D(G(z))": d_fake}
             sums = {name: sums.get(name, 0) + value for name, value in values.items()}
             if step % args.log_every == 0:  # the only host sync of a step
-                batches.set_postfix({k: f"{v:.4g}" for k, v in utils.log_scalars(writer, step, values).items()})
+                floats = utils.finite(step, values)
+                for name, value in floats.items():
+                    writer.add_scalar(name, value, step)
+                batches.set_postfix({name: f"{value:.4g}" for name, value in floats.items()})
             if args.checkpoint_every and step % args.checkpoint_every == 0:
                 save_checkpoint()
             if stop:
                 break
 
         # The epoch's end, or where the run stops inside it: means, the grid, a checkpoint, an evaluation.
-        means = utils.log_scalars(writer, step, {k: v / count for k, v in sums.items()}, "epoch_mean/")
+        means = utils.finite(step, {k: v / count for k, v in sums.items()})
+        for name, value in means.items():
+            writer.add_scalar(f"epoch_mean/{name}", value, step)
         print(f"epoch {epoch}/{args.epochs}  step {step}  " + "  ".join(f"{k} {v:.4f}" for k, v in means.items())
               + f"  ({time.time() - started:.1f}s)", flush=True)
         whole = step % steps_per_epoch == 0

@@ -185,14 +185,19 @@ def main(argv=None):
             for name, value in values.items():
                 sums[name], counts[name] = sums.get(name, 0) + value, counts.get(name, 0) + 1
             if step % args.log_every == 0:  # the only host sync of a step
-                batches.set_postfix({k: f"{v:.4g}" for k, v in utils.log_scalars(writer, step, latest).items()})
+                floats = utils.finite(step, latest)
+                for name, value in floats.items():
+                    writer.add_scalar(name, value, step)
+                batches.set_postfix({name: f"{value:.4g}" for name, value in floats.items()})
             if args.checkpoint_every and step % args.checkpoint_every == 0:
                 save_checkpoint()
             if stop:
                 break
 
         # The epoch's end, or where the run stops inside it: means, the grid, a checkpoint, an evaluation.
-        means = utils.log_scalars(writer, step, {k: v / counts[k] for k, v in sums.items()}, "epoch_mean/")
+        means = utils.finite(step, {k: v / counts[k] for k, v in sums.items()})
+        for name, value in means.items():
+            writer.add_scalar(f"epoch_mean/{name}", value, step)
         print(f"epoch {epoch}/{args.epochs}  step {step}  " + "  ".join(f"{k} {v:.4f}" for k, v in means.items())
               + f"  ({time.time() - started:.1f}s)", flush=True)
         if means["wasserstein_estimate"] <= 0 and not critic_warned:  # the critic no longer measures anything

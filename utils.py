@@ -6,7 +6,7 @@
     load_images, to_model_range              MNIST / FashionMNIST through torchvision, as uint8 on the device
     make_run_dir, stop_on_signals            the run folder (locked: one writer), SIGINT/SIGTERM at a step boundary
     save_checkpoint, load_checkpoint         atomic writes, never a NaN over the last good checkpoint, format 2
-    log_scalars, save_samples                TensorBoard scalars (a NaN or inf stops the run), sample grids, the gif
+    finite, save_samples                     scalars as floats (a NaN or inf stops the run), sample grids, the gif
 """
 import argparse
 import math
@@ -271,13 +271,12 @@ def diverged(step, what):
 # TensorBoard and sample grids
 
 
-def log_scalars(writer, step, values, prefix=""):
-    """Tensors (or floats) to TensorBoard as floats, returned: the host sync of a logging step. NaN or inf stops."""
+def finite(step, values):
+    """Tensors (or floats) as floats: the host sync of a logging step. A NaN or inf stops the run in one line."""
     floats = {name: float(value) for name, value in values.items()}
     for name, value in floats.items():
         if not math.isfinite(value):
-            raise diverged(step, f"{prefix}{name} is {value}")
-        writer.add_scalar(prefix + name, value, step)
+            raise diverged(step, f"{name} is {value}")
     return floats
 
 
