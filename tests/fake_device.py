@@ -36,7 +36,6 @@ from torch.utils._pytree import tree_flatten
 
 ROOT = Path(__file__).resolve().parents[1]
 REAL_GENERATOR = torch.Generator
-ARCH_LIST = ["sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120"]  # what the fake wheel has kernels for
 
 FACTORIES = {torch.ones, torch.zeros, torch.empty, torch.full, torch.randn, torch.rand, torch.randint, torch.randperm,
              torch.arange, torch.linspace, torch.tensor, torch.as_tensor, torch.eye, torch.normal}
@@ -70,12 +69,11 @@ def our_frame():
 
 
 class FakeDevice(TorchFunctionMode):
-    """kind: "cuda" (count GPUs of the given compute capability) or "mps". A context manager; see the module's
-    docstring."""
+    """kind: "cuda" (count GPUs) or "mps". A context manager; see the module's docstring."""
 
-    def __init__(self, kind="cuda", count=1, capability=(8, 0)):
+    def __init__(self, kind="cuda", count=1):
         super().__init__()
-        self.kind, self.count, self.capability = kind, count, capability
+        self.kind, self.count = kind, count
         self.device = torch.device(kind, 0) if kind == "cuda" else torch.device(kind)
         self.generators = [REAL_GENERATOR() for _ in range(count)]  # the device's default generators
         for g in self.generators:
@@ -131,9 +129,6 @@ class FakeDevice(TorchFunctionMode):
             patch.setattr(cuda, "is_available", lambda: True)
             patch.setattr(cuda, "device_count", lambda: self.count)
             patch.setattr(cuda, "current_device", lambda: 0)
-            patch.setattr(cuda, "get_device_capability", lambda device=None: self.capability)
-            patch.setattr(cuda, "get_device_name", lambda device=None: "Fake GPU")
-            patch.setattr(cuda, "get_arch_list", lambda: ARCH_LIST)
             patch.setattr(cuda, "mem_get_info", self.recorded("device-init", "mem_get_info",
                                                               lambda device=None: (64 * 2**30, 80 * 2**30)))
             patch.setattr(cuda, "_lazy_init", self.recorded("device-init", "_lazy_init"))
