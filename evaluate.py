@@ -71,12 +71,13 @@ def load_classifier(dataset, device, path=None):
         with torch.device("meta"):  # no random init (it would move the training's RNG): the weights are the file's
             model = Classifier()
         model.load_state_dict(saved["state_dict"], assign=True)
+        trained_on, accuracy = saved["dataset"], float(saved["test_accuracy"])
     except Exception as e:
         raise utils.UserError(f"{path} is not a feature network ({utils.reason(e)}); pass a file"
                               " tools/train_classifier.py wrote") from None
-    if saved["dataset"] != dataset:
-        raise utils.UserError(f"{path} is the feature network of {saved['dataset']}, not of {dataset}")
-    return model.float().to(device), {"sha256": sha, "test_accuracy": float(saved["test_accuracy"]), "shipped": shipped}
+    if trained_on != dataset:
+        raise utils.UserError(f"{path} is the feature network of {trained_on}, not of {dataset}")
+    return model.float().to(device), {"sha256": sha, "test_accuracy": accuracy, "shipped": shipped}
 
 
 @torch.no_grad()
@@ -183,9 +184,13 @@ def score(G, n, dataset, data_root, device, seed=0):
 def generator_from_checkpoint(ckpt, device, raw=False):
     """The generator a checkpoint describes, rebuilt from its class name and constructor arguments: its weight
     average when it holds one (unless raw), else the trained weights. Returns (G, "ema" or "raw")."""
-    G = getattr(models, ckpt["G_class"])(**ckpt["G_args"])
     weights = "raw" if raw or ckpt.get("G_ema") is None else "ema"
-    G.load_state_dict(ckpt["G"] if weights == "raw" else ckpt["G_ema"]["model"])
+    try:
+        G = getattr(models, ckpt["G_class"])(**ckpt["G_args"])
+        G.load_state_dict(ckpt["G"] if weights == "raw" else ckpt["G_ema"]["model"])
+    except (AttributeError, TypeError, KeyError, RuntimeError) as e:
+        raise utils.UserError(f"its generator cannot be rebuilt from models.py ({utils.reason(e)}); use the version"
+                              " of models.py that wrote it") from None
     return G.to(device), weights
 
 
@@ -203,7 +208,7 @@ def make_parser():
     parser = utils.ArgumentParser(__doc__)
     parser.add_argument("run", help="a run folder or its checkpoint.pt")
     parser.add_argument("--n", type=utils.eval_n, default=10000, help="generated images")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the sampled noise")
+    parser.add_argument("--seed", type=utils.seed, default=0, help="seed of the sampled noise")
     parser.add_argument("--raw", action="store_true",
                         help="score the trained generator, not its weight average (when the checkpoint has one)")
     parser.add_argument("--data-root", default=None, help="folder of the data (default: the run's own)")

@@ -46,7 +46,7 @@ def make_parser():
     add("--ema-decay", type=utils.fraction, default=0.998,
         help="decay of the generator's weight average, which draws the samples and is evaluated (0 = off)")
     add("--img-size", type=utils.positive_int, default=28, help="train on images resized to this side")
-    add("--seed", type=int, default=1, help="seeds every random number: weights, data order, noise")
+    add("--seed", type=utils.seed, default=1, help="seeds every random number: weights, data order, noise")
     add("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto", help="auto = cuda, else mps, else cpu")
     add("--runs-dir", default="runs", help="where run folders are made")
     add("--run-name", default=None, help="the run folder's name (default wgan-<dataset>-<date>-<time>)")
@@ -109,6 +109,10 @@ def main(argv=None):
     # Data (the training split, resident on the device as uint8: a batch is an index), what the evaluation needs
     # (checked now rather than after the training), networks, optimizers, the generator's weight average.
     images = utils.resize(utils.load_images(args.dataset, args.data_root)[0], args.img_size)[:, None].to(device)
+    steps_per_epoch = len(images) // args.batch_size  # the last partial batch is dropped
+    if steps_per_epoch == 0:
+        parser.error(f"argument --batch-size: must be at most {len(images)}, the training images")
+    last_step = min(args.epochs * steps_per_epoch, args.max_steps or float("inf"))
     if args.eval:
         evaluate.reference(args.dataset, args.data_root, device)
     img_shape = tuple(images.shape[1:])
@@ -128,11 +132,15 @@ def main(argv=None):
             for part, name in ((G, "G"), (C, "C"), (opt_G, "opt_G"), (opt_C, "opt_C"), (ema, "G_ema")):
                 if part:
                     part.load_state_dict(ckpt[name])
-        except (RuntimeError, ValueError, KeyError) as e:  # a typed flag changed a network's shape
+        except (RuntimeError, ValueError, KeyError, TypeError) as e:  # a typed flag changed a network's shape
             raise utils.UserError(f"{run_dir}: its checkpoint does not fit these flags ({utils.reason(e)}); resume"
                                   " without the flags that change the networks") from None
         step, fixed_noise = ckpt["step"], ckpt["fixed_noise"].to(device)
         utils.set_rng_state(ckpt["rng"], device)
+        if step >= last_step:  # nothing to train: nothing is written
+            print(f"{run_dir} is complete at step {step}: to train further, --resume it with more --epochs or"
+                  " --max-steps")
+            return
         print(f"resuming {run_dir} at step {step}")
     writer = SummaryWriter(run_dir, purge_step=step + 1 if ckpt else None)  # purge: no point logged twice
     if not ckpt:
@@ -154,11 +162,7 @@ def main(argv=None):
                                                                            for n in evaluate.LOGGED), flush=True)
         return result
 
-    steps_per_epoch = len(images) // args.batch_size  # the last partial batch is dropped
-    last_step = min(args.epochs * steps_per_epoch, args.max_steps or float("inf"))
-    order = torch.Generator().manual_seed(args.seed)  # the batch order: one permutation per epoch, drawn in turn
-    for _ in range(step // steps_per_epoch):  # the epochs a resumed run has done
-        torch.randperm(len(images), generator=order)
+    order = utils.batch_order(args.seed, len(images), step // steps_per_epoch)
     stop = utils.stop_on_signals()  # SIGINT/SIGTERM: the step finishes, a checkpoint is saved, then the exit
     critic_warned = False  # said once: the estimate tends to stay near 0 once there
     latest = {}  # the latest value of each scalar (the generator's loss is from the last generator step)
@@ -166,8 +170,8 @@ def main(argv=None):
         epoch, started = step // steps_per_epoch + 1, time.time()
         perm = torch.randperm(len(images), generator=order).to(device)
         sums, counts = {}, {}  # the sums of this epoch's values (tensors: no host sync per step), and their counts
-        first = step % steps_per_epoch  # not 0 in a run resumed mid-epoch
-        batches = tqdm(range(first, min(steps_per_epoch, first + last_step - step)), initial=first,
+        first, end = step % steps_per_epoch, min(steps_per_epoch, step % steps_per_epoch + last_step - step)
+        batches = tqdm(range(first, end), initial=first,
                        total=steps_per_epoch, desc=f"epoch {epoch}", leave=False, disable=not args.progress)
         for batch in batches:
             step += 1
@@ -189,7 +193,7 @@ def main(argv=None):
                 for name, value in floats.items():
                     writer.add_scalar(name, value, step)
                 batches.set_postfix({name: f"{value:.4g}" for name, value in floats.items()})
-            if args.checkpoint_every and step % args.checkpoint_every == 0:
+            if args.checkpoint_every and step % args.checkpoint_every == 0 and batch + 1 < end:  # (else: below)
                 save_checkpoint()
             if stop:
                 break

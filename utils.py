@@ -69,8 +69,9 @@ def run_main(main, argv=None):
         sys.exit(130)
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Each flag's default in --help, but not a switch's (--no-eval's default, True, would read as a contradiction)."""
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help: the description as written (its commands on their own lines) and each flag's default, but not a
+    switch's (--no-eval's default, True, would read as a contradiction)."""
 
     def _get_help_string(self, action):
         return action.help if action.nargs == 0 else super()._get_help_string(action)
@@ -102,6 +103,7 @@ positive_int = _number(int, lambda v: v > 0, "a positive integer")
 non_negative_int = _number(int, lambda v: v >= 0, "an integer of at least 0")
 positive_float = _number(float, lambda v: 0 < v < math.inf, "a positive number")
 fraction = _number(float, lambda v: 0 <= v < 1, "at least 0 and below 1")  # a decay, a dropout, a slope, a beta
+seed = _number(int, lambda v: -2**63 <= v < 2**64, "an integer from -2**63 to 2**64 - 1 (torch's seeds)")
 eval_n = _number(int, lambda v: v >= 4, "at least 4 (precision/recall use each sample's 3rd-nearest neighbour)")
 
 
@@ -199,6 +201,15 @@ def make_run_dir(args, resuming):
     return run_dir, lock
 
 
+def batch_order(seed, n, epochs_done):
+    """The generator of the batch order: one torch.randperm(n) per epoch, drawn in turn from the seed, advanced past
+    the epochs a resumed run has done (so the order needs no state of its own in the checkpoint)."""
+    order = torch.Generator().manual_seed(seed)
+    for _ in range(epochs_done):
+        torch.randperm(n, generator=order)
+    return order
+
+
 def stop_on_signals():
     """SIGINT and SIGTERM set stop["signal"], which the loop checks after each step (then it saves and exits);
     a second one stops at once."""
@@ -234,11 +245,17 @@ def write_atomic(path, write):
 
 
 def save_checkpoint(state, path):
-    """torch.save(state) atomically; refused, keeping the last good one, if a network holds a NaN or inf."""
-    for name, part in state.items():
-        for key, value in (part.items() if isinstance(part, dict) else ()):
-            if torch.is_tensor(value) and value.is_floating_point() and not torch.isfinite(value).all():
-                raise diverged(state["step"], f"{name}.{key} is not finite")
+    """torch.save(state) atomically; refused, keeping the last good one, if any tensor in it holds a NaN or inf."""
+    def tensors(part, name):
+        if isinstance(part, dict):
+            for key, value in part.items():
+                yield from tensors(value, f"{name}.{key}" if name else str(key))
+        elif torch.is_tensor(part) and part.is_floating_point():
+            yield name, part
+
+    for name, tensor in tensors(state, ""):
+        if not torch.isfinite(tensor).all():
+            raise diverged(state["step"], f"{name} is not finite")
     write_atomic(path, lambda f: torch.save(state, f))
 
 
@@ -253,8 +270,10 @@ def load_checkpoint(path, script=None):
         raise UserError(f"{path}: no such checkpoint; give a run folder that holds checkpoint.pt") from None
     except Exception as e:
         raise UserError(f"{path} is not a checkpoint these scripts can read safely ({reason(e)})") from None
-    found = ckpt.get("format", 1) if isinstance(ckpt, dict) else None
-    if found != CHECKPOINT_FORMAT or "script" not in ckpt:
+    if not isinstance(ckpt, dict) or "step" not in ckpt:
+        raise UserError(f"{path} is not a checkpoint of these scripts; give a run folder they wrote")
+    found = ckpt.get("format", 1)
+    if found != CHECKPOINT_FORMAT:
         raise UserError(f"{path} is a checkpoint of format {found}, but these scripts read format {CHECKPOINT_FORMAT};"
                         " use the version of the scripts that wrote it, or start a new run")
     if script and ckpt["script"] != script:

@@ -171,4 +171,9 @@ def test_a_preset_sets_defaults_that_typed_flags_override_and_a_resume_keeps(tmp
     assert (args["clip_value"], args["img_size"], args["n_critic"], args["lr"]) == (0.005, 32, 2, 5e-5)
     assert run_in_process(train_wgan, ["--resume", tmp_path / "p", "--max-steps", 4])[0] == 0
     assert load(tmp_path / "p")["args"] == {**args, "max_steps": 4, "resume": str(tmp_path / "p")}
+    before = (tmp_path / "p" / "checkpoint.pt").read_bytes()
+    code, out, _ = run_in_process(train_wgan, ["--resume", tmp_path / "p"])  # --max-steps 4 reached: nothing to do
+    assert (code, out) == (0, f"{tmp_path / 'p'} is complete at step 4: to train further, --resume it with more"
+                              " --epochs or --max-steps\n")
+    assert (tmp_path / "p" / "checkpoint.pt").read_bytes() == before
     assert set(train_wgan.PRESETS["paper"]) <= set(args) and utils.CHECKPOINT_FORMAT == 2
