@@ -1,9 +1,9 @@
 """Plain functions the training scripts and evaluate.py share, each readable on its own:
 
     UserError, run_main                      a failure users meet: one line on stderr and an exit code, no traceback
-    positive_int, positive_float, fraction   argparse types that refuse what cannot train
-    pick_device, seed_everything, rng_state, set_rng_state
-    load_images, to_model_range              MNIST / FashionMNIST through torchvision, as uint8 on the device
+    positive_int, fraction, seed, ...        argparse types that refuse what cannot train
+    pick_device, seed_everything, rng_state, set_rng_state, batch_order
+    load_images, resize, to_model_range      MNIST / FashionMNIST through torchvision, as uint8 images
     make_run_dir, stop_on_signals            the run folder (locked: one writer), SIGINT/SIGTERM at a step boundary
     save_checkpoint, load_checkpoint         atomic writes, never a NaN over the last good checkpoint, format 2
     finite, save_samples                     scalars as floats (a NaN or inf stops the run), sample grids, the gif
