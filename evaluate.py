@@ -158,10 +158,14 @@ def reference(dataset, data_root, device, classifier_path=None):
 # Samples
 
 
+def as_images(images):
+    """A generator's output as N x C x H x W: the vanilla generator's flat N x H*W as N x 1 x H x W (square)."""
+    return images.view(len(images), 1, *[round(images.shape[1] ** 0.5)] * 2) if images.dim() == 2 else images
+
+
 def to_uint8_28(images):
     """[-1, 1] images N x C x H x W, or N x H*W (square) -> uint8 N x 28 x 28 (antialiased resize when H != 28)."""
-    if images.dim() == 2:
-        images = images.view(len(images), 1, *[round(images.shape[1] ** 0.5)] * 2)
+    images = as_images(images)
     if images.shape[-1] != 28:
         images = F.interpolate(images.float(), size=(28, 28), mode="bilinear", antialias=True, align_corners=False)
     return ((images[:, 0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
@@ -200,8 +204,7 @@ def interpolation(G, device, rows=8, steps=10, seed=0):
     gen = torch.Generator(device=device).manual_seed(seed)
     start, end = torch.randn(2, rows, 1, G.z_dim, device=device, generator=gen)
     t = torch.linspace(0, 1, steps, device=device)[None, :, None]
-    images = models.generate(G, (start + t * (end - start)).reshape(rows * steps, G.z_dim))
-    return images.view(rows * steps, 1, *[round(images[0].numel() ** 0.5)] * 2) if images.dim() == 2 else images
+    return as_images(models.generate(G, (start + t * (end - start)).reshape(rows * steps, G.z_dim)))
 
 
 def make_parser():

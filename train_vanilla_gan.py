@@ -100,11 +100,7 @@ def train_step(G, D, opt_G, opt_D, real, z):
 def main(argv=None):
     # Flags: typed > --preset > (with --resume) the checkpoint's > the defaults.
     parser = make_parser()
-    args = parser.parse_args(argv)
-    ckpt = utils.load_checkpoint(args.resume, SCRIPT) if args.resume else None
-    parser.set_defaults(**(ckpt["args"] if ckpt else PRESETS[args.preset]))
-    args = parser.parse_args(argv)
-    args.run_name = args.run_name or f"vanilla_gan-{args.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    args, ckpt = utils.parse_flags(parser, PRESETS, SCRIPT, argv)
     device = utils.pick_device(args.device)
     utils.seed_everything(args.seed)
 
@@ -131,13 +127,7 @@ def main(argv=None):
     fixed_noise = torch.randn(args.n_samples, args.z_dim, device=device)  # the grids' noise
     step = 0  # steps done, over the whole run
     if ckpt:
-        try:
-            for part, name in ((G, "G"), (D, "D"), (opt_G, "opt_G"), (opt_D, "opt_D"), (ema, "G_ema")):
-                if part:
-                    part.load_state_dict(ckpt[name])
-        except (RuntimeError, ValueError, KeyError, TypeError) as e:  # a typed flag changed a network's shape
-            raise utils.UserError(f"{run_dir}: its checkpoint does not fit these flags ({utils.reason(e)}); resume"
-                                  " without the flags that change the networks") from None
+        utils.load_states(ckpt, run_dir, G=G, D=D, opt_G=opt_G, opt_D=opt_D, G_ema=ema)
         step, fixed_noise = ckpt["step"], ckpt["fixed_noise"].to(device)
         utils.set_rng_state(ckpt["rng"], device)
         if step >= last_step:  # nothing to train: nothing is written

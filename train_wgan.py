@@ -96,11 +96,7 @@ def generator_step(G, C, opt_G, z):
 def main(argv=None):
     # Flags: typed > --preset > (with --resume) the checkpoint's > the defaults.
     parser = make_parser()
-    args = parser.parse_args(argv)
-    ckpt = utils.load_checkpoint(args.resume, SCRIPT) if args.resume else None
-    parser.set_defaults(**(ckpt["args"] if ckpt else PRESETS[args.preset]))
-    args = parser.parse_args(argv)
-    args.run_name = args.run_name or f"wgan-{args.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    args, ckpt = utils.parse_flags(parser, PRESETS, SCRIPT, argv)
     if args.batch_size < 2:
         parser.error("argument --batch-size: must be 2 or more (BatchNorm needs 2 images per batch)")
     device = utils.pick_device(args.device)
@@ -128,13 +124,7 @@ def main(argv=None):
     fixed_noise = torch.randn(args.n_samples, args.z_dim, device=device)  # the grids' noise
     step = 0  # critic steps done, over the whole run
     if ckpt:
-        try:
-            for part, name in ((G, "G"), (C, "C"), (opt_G, "opt_G"), (opt_C, "opt_C"), (ema, "G_ema")):
-                if part:
-                    part.load_state_dict(ckpt[name])
-        except (RuntimeError, ValueError, KeyError, TypeError) as e:  # a typed flag changed a network's shape
-            raise utils.UserError(f"{run_dir}: its checkpoint does not fit these flags ({utils.reason(e)}); resume"
-                                  " without the flags that change the networks") from None
+        utils.load_states(ckpt, run_dir, G=G, C=C, opt_G=opt_G, opt_C=opt_C, G_ema=ema)
         step, fixed_noise = ckpt["step"], ckpt["fixed_noise"].to(device)
         utils.set_rng_state(ckpt["rng"], device)
         if step >= last_step:  # nothing to train: nothing is written

@@ -1,10 +1,11 @@
 """Plain functions the training scripts and evaluate.py share, each readable on its own:
 
     UserError, run_main                      a failure users meet: one line on stderr and an exit code, no traceback
+    parse_flags                              typed flags > --preset > the resumed checkpoint's > the defaults
     positive_int, fraction, seed, ...        argparse types that refuse what cannot train
     pick_device, seed_everything, rng_state, set_rng_state, batch_order
     load_images, resize, to_model_range      MNIST / FashionMNIST through torchvision, as uint8 images
-    make_run_dir, stop_on_signals            the run folder (locked: one writer), SIGINT/SIGTERM at a step boundary
+    make_run_dir, load_states, stop_on_signals   the run folder (locked), its states, SIGINT/SIGTERM at a step end
     save_checkpoint, load_checkpoint         atomic writes, never a NaN over the last good checkpoint, format 2
     finite, save_samples                     scalars as floats (a NaN or inf stops the run), sample grids, the gif
 """
@@ -15,6 +16,7 @@ import random
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 
 import torch
@@ -85,6 +87,17 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message):
         raise UserError(f"{message} (see --help)")
+
+
+def parse_flags(parser, presets, script, argv):
+    """The run's flags: typed > --preset > (with --resume) the checkpoint's > the defaults. Returns (args, the
+    checkpoint to resume or None)."""
+    args = parser.parse_args(argv)
+    ckpt = load_checkpoint(args.resume, script) if args.resume else None
+    parser.set_defaults(**(ckpt["args"] if ckpt else presets[args.preset]))
+    args = parser.parse_args(argv)
+    args.run_name = args.run_name or f"{script.removeprefix('train_')}-{args.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return args, ckpt
 
 
 def _number(kind, ok, must):
@@ -208,6 +221,18 @@ def batch_order(seed, n, epochs_done):
     for _ in range(epochs_done):
         torch.randperm(n, generator=order)
     return order
+
+
+def load_states(ckpt, run_dir, **parts):
+    """Each part (a network, an optimizer, the weight average; None: absent in this run) from its checkpoint entry;
+    refused in one line when they do not fit (a flag typed with --resume changed a network)."""
+    try:
+        for name, part in parts.items():
+            if part is not None:
+                part.load_state_dict(ckpt[name])
+    except (RuntimeError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{run_dir}: its checkpoint does not fit these flags ({reason(e)}); resume without the flags"
+                        " that change the networks") from None
 
 
 def stop_on_signals():
