@@ -51,33 +51,24 @@ class Classifier(nn.Module):
         return self.head(self.features(x))
 
 
-def load_classifier(dataset, device, path=None):
-    """The feature network of `dataset`: the shipped one, its SHA-256 checked, or a file tools/train_classifier.py
-    wrote. Returns (model in float32 on device, {"sha256", "test_accuracy", "shipped"})."""
-    shipped = path is None
-    path = Path(SHIPPED_DIR / f"{dataset}.pt" if shipped else path)
+def load_classifier(dataset, device):
+    """The shipped feature network of `dataset`, its SHA-256 checked (so the weights are the shipped ones, and FIDs
+    compare). Returns (model in float32 on device, {"sha256", "test_accuracy"})."""
+    path = SHIPPED_DIR / f"{dataset}.pt"
     restore = f"restore it: git -C {SHIPPED_DIR.parent} checkout -- classifiers/{dataset}.pt"
     try:
         raw = path.read_bytes()
     except OSError as e:
-        raise utils.UserError(f"cannot read the feature network {path} ({e.strerror}); "
-                              + (restore if shipped else "pass a file tools/train_classifier.py wrote"), 1) from None
+        raise utils.UserError(f"cannot read the feature network {path} ({e.strerror}); {restore}", 1) from None
     sha = hashlib.sha256(raw).hexdigest()
-    if shipped and sha != SHIPPED_SHA256[dataset]:
+    if sha != SHIPPED_SHA256[dataset]:
         raise utils.UserError(f"{path} is not the shipped {dataset} feature network (SHA-256 {sha[:12]}...,"
                               f" expected {SHIPPED_SHA256[dataset][:12]}...); {restore}", 1)
-    try:
-        saved = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
-        with torch.device("meta"):  # no random init (it would move the training's RNG): the weights are the file's
-            model = Classifier()
-        model.load_state_dict(saved["state_dict"], assign=True)
-        trained_on, accuracy = saved["dataset"], float(saved["test_accuracy"])
-    except Exception as e:
-        raise utils.UserError(f"{path} is not a feature network ({utils.reason(e)}); pass a file"
-                              " tools/train_classifier.py wrote") from None
-    if trained_on != dataset:
-        raise utils.UserError(f"{path} is the feature network of {trained_on}, not of {dataset}")
-    return model.float().to(device), {"sha256": sha, "test_accuracy": accuracy, "shipped": shipped}
+    saved = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+    with torch.device("meta"):  # no random init (it would move the training's RNG): the weights are the file's
+        model = Classifier()
+    model.load_state_dict(saved["state_dict"], assign=True)
+    return model.float().to(device), {"sha256": sha, "test_accuracy": float(saved["test_accuracy"])}
 
 
 @torch.no_grad()
@@ -147,9 +138,9 @@ def metrics(feats, probs, test_feats):
 
 
 @functools.lru_cache(maxsize=2)
-def reference(dataset, data_root, device, classifier_path=None):
+def reference(dataset, data_root, device):
     """(feature network, its description, the test split's features), loaded once per process."""
-    model, network = load_classifier(dataset, device, classifier_path)
+    model, network = load_classifier(dataset, device)
     test_images, _ = utils.load_images(dataset, data_root, train=False)
     return model, network, predict(model, test_images, device)[0]
 
@@ -215,8 +206,6 @@ def make_parser():
     parser.add_argument("--raw", action="store_true",
                         help="score the trained generator, not its weight average (when the checkpoint has one)")
     parser.add_argument("--data-root", default=None, help="folder of the data (default: the run's own)")
-    parser.add_argument("--classifier", metavar="PT", help="a feature network tools/train_classifier.py wrote"
-                                                           " (default: the shipped one)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto",
                         help="auto = cuda, else mps, else cpu")
     parser.add_argument("--json", action="store_true", help="print one JSON line")
@@ -232,7 +221,7 @@ def main(argv=None):
     device = utils.pick_device(args.device)
     ckpt = utils.load_checkpoint(args.run)
     dataset, data_root = ckpt["args"]["dataset"], args.data_root or ckpt["args"]["data_root"]
-    model, network, test_feats = reference(dataset, data_root, device, args.classifier)
+    model, network, test_feats = reference(dataset, data_root, device)
     G, weights = generator_from_checkpoint(ckpt, device, args.raw)
     images = sample(G, args.n, device, args.seed)
     result = metrics(*predict(model, images, device), test_feats)
@@ -254,8 +243,7 @@ def main(argv=None):
                           "step": ckpt["step"], "classifier_sha256": network["sha256"], "metrics": result}))
         return
     print(f"{args.run}: step {ckpt['step']}, {dataset}, {weights} weights, {args.n} samples against the test split")
-    print(f"feature network: {'shipped' if network['shipped'] else args.classifier}, SHA-256"
-          f" {network['sha256'][:12]}..., test accuracy {network['test_accuracy']:.4f}")
+    print(f"feature network: SHA-256 {network['sha256'][:12]}..., test accuracy {network['test_accuracy']:.4f}")
     print("  ".join(f"{name} {value:.4g}" for name, value in result.items()))
 
 

@@ -98,14 +98,10 @@ def generate(G, z):
 class EMA:
     """An exponential moving average of a generator's weights, for sampling; the raw generator is what trains.
 
-    After the t-th generator step (t = 1, 2, ...): ema <- d * ema + (1 - d) * G for every parameter, with the decay
-    warmed up as d = min(decay, t / (t + 25)): an average over about the last t / 25 steps, so that while G moves fast
-    the average follows it closely (0.04 at the first step, 0.29 at the 10th, 0.80 at the 100th, 0.99 at the 2,475th);
-    the set decay rules from t = 25 decay / (1 - decay) on (24,975 steps at 0.999). Measured against the raw generator
-    and TensorFlow's warm-up (1 + t) / (10 + t), which lagged it at one epoch: docs/tuning.md. It starts as a copy of G.
-    Buffers (BatchNorm running statistics) are copied from G; before the average is sampled or saved, calibrate()
-    replaces them with statistics of the averaged weights themselves, since G's statistics belong to G's weights
-    (measured on the WGAN: FID 44 -> 36, docs/tuning.md).
+    After the t-th generator step: ema <- d * ema + (1 - d) * G, with d = min(decay, t / (t + 25)): an average over
+    about the last t / 25 steps, so it follows G closely while G moves fast (TensorFlow's (1 + t) / (10 + t) lagged
+    it at one epoch: docs/tuning.md). BatchNorm statistics are G's until calibrate() measures the averaged weights'
+    own (they belong to G's weights: FID 44 -> 36 on the WGAN, docs/tuning.md).
     """
 
     def __init__(self, G, decay):

@@ -154,7 +154,7 @@ def main(argv=None):
 
     order = utils.batch_order(args.seed, len(images), step // steps_per_epoch)
     stop = utils.stop_on_signals()  # SIGINT/SIGTERM: the step finishes, a checkpoint is saved, then the exit
-    critic_warned = False  # said once: the estimate tends to stay near 0 once there
+    critic_warned = False
     latest = {}  # the latest value of each scalar (the generator's loss is from the last generator step)
     while step < last_step and not stop:
         epoch, started = step // steps_per_epoch + 1, time.time()
@@ -194,12 +194,11 @@ def main(argv=None):
             writer.add_scalar(f"epoch_mean/{name}", value, step)
         print(f"epoch {epoch}/{args.epochs}  step {step}  " + "  ".join(f"{k} {v:.4f}" for k, v in means.items())
               + f"  ({time.time() - started:.1f}s)", flush=True)
-        if means["wasserstein_estimate"] <= 0 and not critic_warned:  # the critic no longer measures anything
+        if means["wasserstein_estimate"] <= 0 and not critic_warned:  # said once: it tends to stay near 0
             critic_warned = True
-            print(f"warning: the Wasserstein estimate of the epoch ending at step {step} is"
-                  f" {means['wasserstein_estimate']:.2e}, at or below 0: the critic no longer tells real images from"
-                  " generated ones, and samples tend to get worse from here on: stop the run (Ctrl-C keeps its"
-                  " checkpoint) and score it with evaluate.py, or train with fewer --epochs", file=sys.stderr)
+            print(f"warning: the Wasserstein estimate is {means['wasserstein_estimate']:.2e} at step {step}: the critic"
+                  " no longer tells real from fake and samples tend to get worse; stop (Ctrl-C keeps the checkpoint) or"
+                  " train fewer --epochs", file=sys.stderr)
         whole = step % steps_per_epoch == 0
         if ema:
             ema.calibrate()  # BatchNorm statistics of the averaged weights, for the grid (saving does it too)

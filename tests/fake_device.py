@@ -117,10 +117,6 @@ class FakeDevice(TorchFunctionMode):
         index = device if isinstance(device, int) else torch.device(device).index or 0
         return self.generators[index]  # an IndexError for a GPU that is not there, as torch
 
-    def set_all(self, states):
-        for i, state in enumerate(states):
-            self.generators[i].set_state(state)  # an IndexError with more states than GPUs, as torch
-
     def __enter__(self):
         patch = self.patches.enter_context(pytest.MonkeyPatch.context())
         seeding = lambda name, action: self.recorded("seeding", name, action)  # noqa: E731
@@ -129,8 +125,6 @@ class FakeDevice(TorchFunctionMode):
             patch.setattr(cuda, "is_available", lambda: True)
             patch.setattr(cuda, "device_count", lambda: self.count)
             patch.setattr(cuda, "current_device", lambda: 0)
-            patch.setattr(cuda, "mem_get_info", self.recorded("device-init", "mem_get_info",
-                                                              lambda device=None: (64 * 2**30, 80 * 2**30)))
             patch.setattr(cuda, "_lazy_init", self.recorded("device-init", "_lazy_init"))
             patch.setattr(cuda, "synchronize", self.recorded("sync", "synchronize"))
             patch.setattr(cuda, "manual_seed", seeding("manual_seed",
@@ -141,10 +135,6 @@ class FakeDevice(TorchFunctionMode):
                                                          lambda device="cuda": self.generator(device).get_state()))
             patch.setattr(cuda, "set_rng_state", seeding("set_rng_state", lambda state, device="cuda":
                                                           self.generator(device).set_state(state)))
-            # what the code did before it saved only its own device's state: recorded, so a test can refuse it
-            patch.setattr(cuda, "get_rng_state_all", seeding("get_rng_state_all",
-                                                             lambda: [g.get_state() for g in self.generators]))
-            patch.setattr(cuda, "set_rng_state_all", seeding("set_rng_state_all", self.set_all))
             patch.setattr(cuda, "is_current_stream_capturing", lambda: False)  # optimizers ask (older torch)
             if hasattr(torch, "accelerator"):  # ... or this (newer torch)
                 patch.setattr(torch.accelerator, "current_accelerator", lambda check_available=False: self.device)

@@ -2,8 +2,8 @@
 
     python tests/step_hook.py SCRIPT AT ACTION [script flags...]
 
-SCRIPT is train_vanilla_gan or train_wgan; AT counts the steps this process makes (train_step calls for the vanilla
-GAN, critic_step calls for the WGAN). ACTION, right after step AT: SIGKILL, SIGINT or SIGTERM (the process sends
+SCRIPT is train_vanilla_gan, train_wgan or train_wgan_gp; AT counts the steps this process makes (train_step calls
+for the vanilla GAN, critic_step calls for the WGANs). ACTION, right after step AT: SIGKILL, SIGINT or SIGTERM (the process sends
 itself the signal), or pause (it says "paused" and sleeps, holding its run folder, until it is killed).
 """
 import importlib
@@ -16,7 +16,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import utils  # noqa: E402
 
-STEP_FUNCTIONS = {"train_vanilla_gan": "train_step", "train_wgan": "critic_step"}
+STEP_FUNCTIONS = {"train_vanilla_gan": "train_step", "train_wgan": "critic_step", "train_wgan_gp": "critic_step"}
 
 
 def main():

@@ -10,11 +10,13 @@ import torch
 import evaluate
 import train_vanilla_gan
 import train_wgan
+import train_wgan_gp
 from conftest import SMALL_VANILLA, SMALL_WGAN, assert_same_training, load, run_in_process
 from fake_device import FakeDevice
 from models import Critic, Discriminator, Generator, WGANGenerator
 
-SCRIPTS = {"vanilla": (train_vanilla_gan, SMALL_VANILLA), "wgan": (train_wgan, SMALL_WGAN)}
+SCRIPTS = {"vanilla": (train_vanilla_gan, SMALL_VANILLA), "wgan": (train_wgan, SMALL_WGAN),
+           "wgan_gp": (train_wgan_gp, SMALL_WGAN)}
 SEEDING = {"manual_seed", "manual_seed_all", "mps.manual_seed"}
 
 
@@ -32,7 +34,7 @@ def train(fake, algo, data_root, runs, name, *flags):
                                        *without_device(small), "--device", fake.kind, *flags])
 
 
-@pytest.mark.parametrize("kind,algo", [("cuda", "vanilla"), ("mps", "wgan"), ("cuda", "wgan")])
+@pytest.mark.parametrize("kind,algo", [("cuda", "vanilla"), ("mps", "wgan"), ("cuda", "wgan"), ("mps", "wgan_gp")])
 def test_evaluations_mid_run_never_reseed_the_device_and_leave_the_training_as_it_was(tmp_path, data_root, kind,
                                                                                     algo):
     """The first --eval-every evaluation loads the feature network mid-run: the device's generator is seeded once, at
@@ -46,7 +48,7 @@ def test_evaluations_mid_run_never_reseed_the_device_and_leave_the_training_as_i
     assert_same_training(load(tmp_path / "e"), load(tmp_path / "n"))
 
 
-@pytest.mark.parametrize("algo", ["vanilla", "wgan"])
+@pytest.mark.parametrize("algo", ["vanilla", "wgan", "wgan_gp"])
 def test_a_step_that_neither_logs_nor_checkpoints_makes_no_host_sync_and_no_cpu_tensor(tmp_path, data_root, algo,
                                                                                      monkeypatch):
     fakes = []
@@ -84,14 +86,17 @@ def test_every_tensor_a_step_makes_is_on_the_device():
         opt_G, opt_D = (torch.optim.Adam(n.parameters(), fused=True) for n in (G, D))
         W, C = WGANGenerator(8, (1, 28, 28), (16, 32)).to(device), Critic((1, 28, 28), (32, 16)).to(device)
         opt_W, opt_C = (torch.optim.RMSprop(n.parameters(), foreach=True) for n in (W, C))
+        opt_P = torch.optim.Adam(C.parameters(), fused=True)
         real, z = torch.rand(4, 1, 28, 28, device=device) * 2 - 1, torch.randn(4, 8, device=device)
+        eps = torch.rand(4, device=device)
         fake.phase = "step"
         outputs = [*train_vanilla_gan.train_step(G, D, opt_G, opt_D, real, z),
-                   train_wgan.critic_step(W, C, opt_C, real, z, 0.01), train_wgan.generator_step(W, C, opt_W, z)]
+                   train_wgan.critic_step(W, C, opt_C, real, z, 0.01), train_wgan.generator_step(W, C, opt_W, z),
+                   *train_wgan_gp.critic_step(W, C, opt_P, real, z, eps, 10.0)]
         fake.phase = None
         assert fake.of("cpu-tensor") == [] and fake.of("sync") == []
         assert all(t.device.type == "cuda" for t in outputs)
-        for opt in (opt_G, opt_D, opt_W, opt_C):
+        for opt in (opt_G, opt_D, opt_W, opt_C, opt_P):
             assert all(v.device.type == "cuda" for state in opt.state.values() for v in state.values()
                        if isinstance(v, torch.Tensor) and v.dim() > 0)
         with pytest.raises(RuntimeError, match="same device"):  # the fake device catches a CPU tensor in a step
@@ -113,7 +118,7 @@ def test_checkpoints_move_between_machines_with_other_gpu_counts_and_the_cpu(tmp
     cpu_on_gpu_machine = FakeDevice("cuda", count=2)
     assert train(cpu_on_gpu_machine, algo, data_root, tmp_path, "cpu", "--max-steps", "4", "--no-eval",
                  "--device", "cpu")[0] == 0
-    assert cpu_on_gpu_machine.of("device-init") == []  # a CPU run opens no CUDA context: no memory query, no RNG state
+    assert cpu_on_gpu_machine.of("device-init") == []  # a CPU run opens no CUDA context, reads no CUDA RNG state
     assert [what for what, _ in cpu_on_gpu_machine.of("seeding") if "rng_state" in what] == []
     with FakeDevice("cuda"):  # a CPU checkpoint on a GPU
         assert run_in_process(SCRIPTS[algo][0], ["--resume", tmp_path / "cpu", "--max-steps", "8", "--device", "cuda",
@@ -128,6 +133,7 @@ def test_a_whole_run_and_evaluate_py_on_a_mac(tmp_path, data_root, algo):
     assert train(FakeDevice("mps"), algo, data_root, tmp_path, "m", "--epochs", "2", "--eval-every", "1",
                  "--img-size", "32")[0] == 0
     assert json.loads((tmp_path / "m" / "metrics.json").read_text())["step"] == 16
+    evaluate.reference.cache_clear()  # its network was on the last fake device: as a new process, load it again
     with FakeDevice("mps"):
         code, out, _ = run_in_process(evaluate, [tmp_path / "m", "--n", "64", "--json", "--device", "mps"])
     assert code == 0 and json.loads(out.strip().splitlines()[-1])["metrics"]["fid"] > 0

@@ -1,10 +1,12 @@
-"""The losses a step computes, checked against values computed by hand (numpy), and the critic's clipping."""
+"""The losses a step computes, checked against values computed by hand (numpy), the critic's clipping, the gradient
+penalty against closed forms and a loop over samples, and each fast step against its textbook form."""
 import numpy as np
 import torch
 
 import textbook
 import train_vanilla_gan
 import train_wgan
+import train_wgan_gp
 from models import Critic, Discriminator, Generator, WGANGenerator
 
 
@@ -120,3 +122,76 @@ def test_fast_wgan_steps_equal_the_textbook_step():
     # the fake term carry rounding noise into the update; any real difference in the math moves weights by ~lr.
     diffs = torch.cat([(a - b).abs().flatten() for a, b in zip(C1.parameters(), C2.parameters())])
     assert diffs.max() < 0.5 * 5e-5 and diffs.median() < 1e-9
+
+
+def test_the_penalty_of_a_linear_critic_is_lambda_times_its_weight_norm_minus_1_squared_and_trains_it():
+    """C(x) = w.x + b has gradient w at every point: penalty (||w|| - 1)^2, and the step's gradient on w is
+    2 lambda (||w|| - 1) w / ||w|| - (mean x - mean G(z)); on b it is 0. Without create_graph the first term is lost."""
+    torch.manual_seed(0)
+    G, C = Generator(8, 784, [16]), torch.nn.Linear(784, 1)  # G without BatchNorm: its fakes are the step's
+    real, z, eps = torch.rand(6, 1, 28, 28) * 2 - 1, torch.randn(6, 8), torch.rand(6)
+    with torch.no_grad():
+        fake = G(z).double()
+    w, b = C.weight[0].detach().double().clone(), C.bias.detach().clone()
+    norm, mean_diff = w.norm(), real.flatten(1).double().mean(0) - fake.mean(0)
+
+    loss, wasserstein, penalty, grad_norm = train_wgan_gp.critic_step(G, C, torch.optim.SGD(C.parameters(), lr=0.1),
+                                                                      real, z, eps, gp_weight=10.0)
+
+    assert np.isclose(grad_norm.item(), norm.item(), rtol=1e-5) and 0.2 < abs(norm.item() - 1)  # away from 1
+    assert np.isclose(penalty.item(), ((norm - 1) ** 2).item(), rtol=1e-4)
+    assert np.isclose(wasserstein.item(), (w @ mean_diff).item(), rtol=1e-4, atol=1e-6)
+    assert np.isclose(loss.item(), (10 * (norm - 1) ** 2 - w @ mean_diff).item(), rtol=1e-4)
+    expected_w = w - 0.1 * (20 * (norm - 1) * w / norm - mean_diff)
+    assert torch.allclose(C.weight[0].double(), expected_w, rtol=1e-4, atol=1e-6)
+    assert torch.equal(C.bias, b)
+
+
+def test_the_penalty_takes_one_eps_and_one_gradient_norm_per_sample():
+    """Against a loop over samples on an MLP critic, on a batch where the per-pixel forms (|grad| per pixel, or the
+    norm over the channel only) give another number."""
+    torch.manual_seed(0)
+    G, C = Generator(8, 784, [16]), Critic((1, 28, 28), (32, 16))
+    with torch.no_grad():  # gradient norms of 2.3 to 3.2 (at the init's scale they are about 0.003)
+        for linear in linears(C):
+            linear.weight.mul_(10)
+    real, z, eps = torch.rand(5, 1, 28, 28) * 2 - 1, torch.randn(5, 8), torch.tensor([0.0, 0.2, 0.5, 0.9, 1.0])
+    with torch.no_grad():
+        fake = G(z)
+    grads = []
+    for i in range(5):
+        x_hat = (eps[i] * real[i].flatten() + (1 - eps[i]) * fake[i]).requires_grad_(True)
+        grads.append(torch.autograd.grad(C(x_hat[None]).sum(), x_hat)[0])
+    grads = torch.stack(grads)
+    expected = ((grads.norm(dim=1) - 1) ** 2).mean()
+    per_pixel = ((grads.abs() - 1) ** 2).mean()  # also the norm over dim 1 of an N x 1 x 28 x 28 gradient
+    assert expected > 2.5 and per_pixel < 0.9
+
+    _, _, penalty, grad_norm = train_wgan_gp.critic_step(G, C, torch.optim.SGD(C.parameters(), lr=0.0), real, z, eps,
+                                                         gp_weight=10.0)
+
+    assert np.isclose(penalty.item(), expected.item(), rtol=1e-5)
+    assert np.isclose(grad_norm.item(), grads.norm(dim=1).mean().item(), rtol=1e-5)
+
+
+def test_fast_wgan_gp_steps_equal_the_textbook_step():
+    G1, G2 = _clone_pair(lambda: WGANGenerator(16, (1, 28, 28), (32, 64)))
+    C1, C2 = _clone_pair(lambda: Critic((1, 28, 28), (64, 32)))
+    fast_opts = [torch.optim.Adam(m.parameters(), lr=1e-4, betas=(0.5, 0.9), fused=True) for m in (G1, C1)]
+    ref_opts = [torch.optim.Adam(m.parameters(), lr=1e-4, betas=(0.5, 0.9)) for m in (G2, C2)]
+    for step in range(1, 7):
+        real, z, eps, z_g = torch.rand(8, 1, 28, 28) * 2 - 1, torch.randn(8, 16), torch.rand(8), torch.randn(8, 16)
+        do_g = step % 3 == 0
+        loss_C = train_wgan_gp.critic_step(G1, C1, fast_opts[1], real, z, eps, 10.0)[0]
+        loss_G = train_wgan_gp.generator_step(G1, C1, fast_opts[0], z_g) if do_g else None
+        ref_C, ref_G = textbook.wgan_gp_step(G2, C2, ref_opts[0], ref_opts[1], real, z, eps, z_g if do_g else None,
+                                             10.0)
+        assert torch.allclose(loss_C, ref_C, rtol=1e-4, atol=1e-6), (loss_C - ref_C).item()
+        if do_g:
+            assert torch.allclose(loss_G, ref_G, rtol=1e-4, atol=1e-6)
+    z = torch.randn(16, 16)
+    G1.eval(), G2.eval()
+    assert torch.allclose(G1(z), G2(z), rtol=1e-4, atol=1e-5)
+    # Adam, as RMSprop above, turns the rounding noise of a nearly cancelling gradient into a step of up to lr
+    diffs = torch.cat([(a - b).abs().flatten() for a, b in zip(C1.parameters(), C2.parameters())])
+    assert diffs.max() < 0.5 * 1e-4 and diffs.median() < 1e-9

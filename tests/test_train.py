@@ -12,11 +12,14 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 import evaluate
 import train_vanilla_gan
 import train_wgan
+import train_wgan_gp
 import utils
 from conftest import SMALL_VANILLA, SMALL_WGAN, assert_same_training, load, run_hooked, run_in_process
 
 SCRIPTS = {"vanilla": (train_vanilla_gan, SMALL_VANILLA, ["loss/D", "loss/G", "D(x)", "D(G(z))"]),
-           "wgan": (train_wgan, SMALL_WGAN, ["loss/critic", "wasserstein_estimate", "loss/G"])}
+           "wgan": (train_wgan, SMALL_WGAN, ["loss/critic", "wasserstein_estimate", "loss/G"]),
+           "wgan_gp": (train_wgan_gp, SMALL_WGAN, ["loss/critic", "wasserstein_estimate", "gradient_penalty",
+                                                   "grad_norm", "loss/G"])}
 
 
 def events(run_dir):
@@ -30,7 +33,7 @@ def train(algo, data_root, runs, name, *flags):
     return run_in_process(module, ["--data-root", data_root, "--runs-dir", runs, "--run-name", name, *small, *flags])
 
 
-@pytest.mark.parametrize("algo", ["vanilla", "wgan"])
+@pytest.mark.parametrize("algo", ["vanilla", "wgan", "wgan_gp"])
 def test_a_run_writes_scalars_grids_gif_checkpoint_and_metrics(tmp_path, data_root, algo):
     size = 32 if algo == "wgan" else 28
     code, out, err = train(algo, data_root, tmp_path, "r", "--epochs", 2, "--log-every", 1, "--img-size", size)
@@ -58,7 +61,7 @@ def test_a_run_writes_scalars_grids_gif_checkpoint_and_metrics(tmp_path, data_ro
     with Image.open(run / "samples" / "progress.gif") as gif:
         assert gif.n_frames == 2
     ckpt = load(run)
-    assert ckpt["format"] == 2 and ckpt["script"] == f"train_{'vanilla_gan' if algo == 'vanilla' else 'wgan'}"
+    assert ckpt["format"] == 2 and ckpt["script"] == SCRIPTS[algo][0].SCRIPT
     assert ckpt["step"] == 16 and ckpt["args"]["img_size"] == size and ckpt["G_class"] in ("Generator", "WGANGenerator")
     assert not list(run.glob("*.tmp"))
     metrics = json.loads((run / "metrics.json").read_text())
@@ -76,7 +79,8 @@ def test_the_wgan_steps_its_generator_every_n_critic_critic_steps(tmp_path, data
     assert load(tmp_path / "g")["G_ema"]["updates"] == 4
 
 
-@pytest.mark.parametrize("algo,sig", [("vanilla", "SIGKILL"), ("wgan", "SIGKILL"), ("wgan", "SIGTERM")])
+@pytest.mark.parametrize("algo,sig", [("vanilla", "SIGKILL"), ("wgan", "SIGKILL"), ("wgan", "SIGTERM"),
+                                      ("wgan_gp", "SIGKILL")])
 def test_a_run_killed_mid_epoch_resumes_bit_identical_to_a_run_never_stopped(tmp_path, data_root, algo, sig):
     common = ["--epochs", 3, "--log-every", 1, "--checkpoint-every", 5, "--ema-decay", 0.7, "--no-eval"]
     assert train(algo, data_root, tmp_path / "a", "r", *common)[0] == 0
@@ -160,7 +164,7 @@ def test_the_wgan_warns_once_when_its_wasserstein_estimate_falls_to_zero(tmp_pat
     monkeypatch.setattr(train_wgan, "critic_step", lambda *a: real_step(*a).abs() + 0.01)  # mean C(x) < mean C(G(z))
     code, out, err = train("wgan", data_root, tmp_path, "dying", "--epochs", 2, "--no-eval")
     assert code == 0 and "done: " in out and err.count("\n") == 1, err  # after the first epoch, not again
-    assert err.startswith("warning: the Wasserstein estimate of the epoch ending at step 8 is -")
+    assert err.startswith("warning: the Wasserstein estimate is -") and " at step 8: " in err
 
 
 def test_a_preset_sets_defaults_that_typed_flags_override_and_a_resume_keeps(tmp_path, data_root):

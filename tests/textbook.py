@@ -52,12 +52,37 @@ def wgan_step(G, C, opt_G, opt_C, real, z, z_g, clip_value):
     opt_C.step()
     for p in C.parameters():
         p.data.clamp_(-clip_value, clip_value)
+    return loss_C.detach(), wgan_generator_step(G, C, opt_G, z_g)
 
-    loss_G = None
-    if z_g is not None:
-        opt_G.zero_grad()
-        loss_G = -torch.mean(C(G(z_g)))
-        loss_G.backward()
-        opt_G.step()
-        loss_G = loss_G.detach()
-    return loss_C.detach(), loss_G
+
+def wgan_gp_step(G, C, opt_G, opt_C, real, z, eps, z_g, gp_weight):
+    """One critic step of WGAN-GP (Gulrajani et al., 2017, Algorithm 1) the way most public code writes it, and a
+    generator step when z_g is given: separate forwards of the real, fake and interpolated images, the gradient of
+    C(x_hat) by `grad_outputs=ones`, its norm over each sample's flattened pixels.
+
+    Returns (loss_C, loss_G or None), detached.
+    """
+    fake = G(z).detach()
+    alpha = eps.view(-1, 1, 1, 1)
+    interpolates = (alpha * real + (1 - alpha) * fake).requires_grad_(True)
+    c_interpolates = C(interpolates)
+    gradients = torch.autograd.grad(outputs=c_interpolates, inputs=interpolates,
+                                    grad_outputs=torch.ones_like(c_interpolates), create_graph=True,
+                                    retain_graph=True)[0]
+    gradient_penalty = ((gradients.view(gradients.shape[0], -1).norm(2, dim=1) - 1) ** 2).mean()
+    loss_C = -torch.mean(C(real)) + torch.mean(C(fake)) + gp_weight * gradient_penalty
+    opt_C.zero_grad()
+    loss_C.backward()
+    opt_C.step()
+    return loss_C.detach(), wgan_generator_step(G, C, opt_G, z_g)
+
+
+def wgan_generator_step(G, C, opt_G, z_g):
+    """Both WGANs' generator step, minimize -mean C(G(z_g)); None (no step) when z_g is None."""
+    if z_g is None:
+        return None
+    opt_G.zero_grad()
+    loss_G = -torch.mean(C(G(z_g)))
+    loss_G.backward()
+    opt_G.step()
+    return loss_G.detach()

@@ -1,8 +1,6 @@
-"""Train the evaluation's feature network again (evaluate.Classifier), to check the shipped weights in classifiers/ or
-to measure with a feature network of your own:
+"""Train the evaluation's feature network again (evaluate.Classifier), to check the shipped weights in classifiers/:
 
     python tools/train_classifier.py --dataset mnist --out my-mnist.pt   # 1 to 2.5 minutes on 2 CPU cores
-    python evaluate.py runs/<run> --classifier my-mnist.pt                # the same run, measured with it
 
 It says whether the weights it trained are those of the shipped file (they are, on the CPU that trained them).
 """
