@@ -1,4 +1,4 @@
-"""Wasserstein GAN with a gradient penalty (Gulrajani et al., 2017, Algorithm 1): an MLP generator against an MLP critic.
+"""WGAN with a gradient penalty (Gulrajani et al., 2017, Algorithm 1): an MLP generator against an MLP critic.
 
     python train_wgan_gp.py                          # FashionMNIST, 20 epochs
     tensorboard --logdir runs
@@ -22,7 +22,8 @@ from models import EMA, Critic, WGANGenerator, generate
 SCRIPT = "train_wgan_gp"
 # Algorithm 1 of the paper: --preset paper. The defaults are a starting point, still to be chosen by measured sample
 # quality (issue "WGAN-GP"): Adam's betas (0.5, 0.9) are the official MNIST code's, where Algorithm 1 has (0, 0.9).
-PAPER = {"lr": 1e-4, "beta1": 0.0, "beta2": 0.9, "gp_weight": 10.0, "n_critic": 5, "batch_size": 64, "ema_decay": 0.0}
+PAPER = {"lr": 1e-4, "beta1": 0.0, "beta2": 0.9, "gp_weight": 10.0, "n_critic": 5, "batch_size": 64, "ema_decay": 0.0,
+         "z_dim": 100, "img_size": 28, "g_widths": [128, 256, 512, 1024], "critic_widths": [512, 256]}
 PRESETS = {"default": {}, "paper": PAPER}
 
 
@@ -75,7 +76,7 @@ def critic_step(G, C, opt_C, real, z, eps, gp_weight):
     with torch.no_grad():  # the fake is a constant here: no graph through G
         fake = G(z).flatten(1)
     real, batch = real.flatten(1), real.shape[0]
-    x_hat = torch.lerp(fake, real, eps[:, None]).requires_grad_(True)  # eps * real + (1 - eps) * fake
+    x_hat = torch.lerp(fake, real, eps.view(batch, 1)).requires_grad_(True)  # eps_i x_i + (1 - eps_i) G(z_i)
     scores = C(torch.cat([real, fake, x_hat]))
     grad, = torch.autograd.grad(scores[2 * batch:].sum(), x_hat, create_graph=True)  # row i: grad of C at x_hat_i
     grad_norm = grad.norm(2, dim=1)

@@ -2,9 +2,10 @@
 
     python tests/step_hook.py SCRIPT AT ACTION [script flags...]
 
-SCRIPT is train_vanilla_gan, train_wgan or train_wgan_gp; AT counts the steps this process makes (train_step calls
-for the vanilla GAN, critic_step calls for the WGANs). ACTION, right after step AT: SIGKILL, SIGINT or SIGTERM (the process sends
-itself the signal), or pause (it says "paused" and sleeps, holding its run folder, until it is killed).
+SCRIPT is train_vanilla_gan, train_wgan or train_wgan_gp; AT counts the steps this process makes (train_step
+calls for the vanilla GAN, critic_step calls for the WGANs). ACTION, right after step AT: SIGKILL, SIGINT or
+SIGTERM (the process sends itself the signal), or pause (it says "paused" and sleeps, holding its run folder, until
+it is killed).
 """
 import importlib
 import os

@@ -1,4 +1,4 @@
-"""The CUDA and MPS paths, on the CPU: both scripts and evaluate.py run on a fake accelerator (tests/fake_device.py)
+"""The CUDA and MPS paths, on the CPU: the scripts and evaluate.py run on a fake accelerator (tests/fake_device.py)
 that reports a device, draws the device's random numbers from the device's own generators, raises where the device
 would, and records seeding, RNG-state calls, host syncs and tensors made on the CPU."""
 import json

@@ -181,3 +181,6 @@ def test_a_preset_sets_defaults_that_typed_flags_override_and_a_resume_keeps(tmp
                               " --epochs or --max-steps\n")
     assert (tmp_path / "p" / "checkpoint.pt").read_bytes() == before
     assert set(train_wgan.PRESETS["paper"]) <= set(args) and utils.CHECKPOINT_FORMAT == 2
+    code, _, err = train("wgan_gp", data_root, tmp_path, "gp", "--preset", "paper", "--max-steps", 2, "--no-eval")
+    gp_args = load(tmp_path / "gp")["args"]
+    assert code == 0 and (gp_args["beta1"], gp_args["beta2"], gp_args["ema_decay"]) == (0, 0.9, 0), err
