@@ -27,11 +27,15 @@ def without_device(flags):
 
 
 def train(fake, algo, data_root, runs, name, *flags):
-    """A tiny run of `algo` on the fake device; returns (exit code, stdout, stderr)."""
+    """A tiny run of `algo` on the fake device; returns (exit code, stdout, stderr). As a process of its own, it
+    leaves nothing cached: evaluate.reference's network lives on this fake device, which ends with the run."""
     module, small = SCRIPTS[algo]
-    with fake:
-        return run_in_process(module, ["--data-root", data_root, "--runs-dir", runs, "--run-name", name,
-                                       *without_device(small), "--device", fake.kind, *flags])
+    try:
+        with fake:
+            return run_in_process(module, ["--data-root", data_root, "--runs-dir", runs, "--run-name", name,
+                                           *without_device(small), "--device", fake.kind, *flags])
+    finally:
+        evaluate.reference.cache_clear()
 
 
 @pytest.mark.parametrize("kind,algo", [("cuda", "vanilla"), ("mps", "wgan"), ("cuda", "wgan"), ("mps", "wgan_gp")])
@@ -133,7 +137,6 @@ def test_a_whole_run_and_evaluate_py_on_a_mac(tmp_path, data_root, algo):
     assert train(FakeDevice("mps"), algo, data_root, tmp_path, "m", "--epochs", "2", "--eval-every", "1",
                  "--img-size", "32")[0] == 0
     assert json.loads((tmp_path / "m" / "metrics.json").read_text())["step"] == 16
-    evaluate.reference.cache_clear()  # its network was on the last fake device: as a new process, load it again
     with FakeDevice("mps"):
         code, out, _ = run_in_process(evaluate, [tmp_path / "m", "--n", "64", "--json", "--device", "mps"])
     assert code == 0 and json.loads(out.strip().splitlines()[-1])["metrics"]["fid"] > 0

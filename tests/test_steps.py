@@ -1,6 +1,7 @@
 """The losses a step computes, checked against values computed by hand (numpy), the critic's clipping, the gradient
 penalty against closed forms and a loop over samples, and each fast step against its textbook form."""
 import numpy as np
+import pytest
 import torch
 
 import textbook
@@ -98,30 +99,49 @@ def test_fast_vanilla_step_equals_the_textbook_step():
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
-def test_fast_wgan_steps_equal_the_textbook_step():
+@pytest.mark.parametrize("algo", ["wgan", "wgan_gp"])
+def test_fast_wgan_steps_equal_the_textbook_step(algo):
     G1, G2 = _clone_pair(lambda: WGANGenerator(16, (1, 28, 28), (32, 64)))
     C1, C2 = _clone_pair(lambda: Critic((1, 28, 28), (64, 32)))
-    fast_opts = [torch.optim.RMSprop(m.parameters(), lr=5e-5, foreach=True) for m in (G1, C1)]
-    ref_opts = [torch.optim.RMSprop(m.parameters(), lr=5e-5, foreach=False) for m in (G2, C2)]
+    if algo == "wgan":  # RMSprop, clip 0.01
+        lr, script = 5e-5, train_wgan
+        fast_opts = [torch.optim.RMSprop(m.parameters(), lr=lr, foreach=True) for m in (G1, C1)]
+        ref_opts = [torch.optim.RMSprop(m.parameters(), lr=lr, foreach=False) for m in (G2, C2)]
+
+        def fast_critic(real, z, eps):
+            return train_wgan.critic_step(G1, C1, fast_opts[1], real, z, 0.01)
+
+        def ref_step(real, z, eps, z_g):
+            return textbook.wgan_step(G2, C2, *ref_opts, real, z, z_g, 0.01)
+    else:  # Adam, lambda 10
+        lr, script = 1e-4, train_wgan_gp
+        fast_opts = [torch.optim.Adam(m.parameters(), lr=lr, betas=(0.5, 0.9), fused=True) for m in (G1, C1)]
+        ref_opts = [torch.optim.Adam(m.parameters(), lr=lr, betas=(0.5, 0.9)) for m in (G2, C2)]
+
+        def fast_critic(real, z, eps):
+            return train_wgan_gp.critic_step(G1, C1, fast_opts[1], real, z, eps, 10.0)[0]
+
+        def ref_step(real, z, eps, z_g):
+            return textbook.wgan_gp_step(G2, C2, *ref_opts, real, z, eps, z_g, 10.0)
     for step in range(1, 7):
-        real, z, z_g = torch.rand(8, 1, 28, 28) * 2 - 1, torch.randn(8, 16), torch.randn(8, 16)
+        real, z, eps, z_g = torch.rand(8, 1, 28, 28) * 2 - 1, torch.randn(8, 16), torch.rand(8), torch.randn(8, 16)
         do_g = step % 3 == 0
-        loss_C = train_wgan.critic_step(G1, C1, fast_opts[1], real, z, 0.01)
-        loss_G = train_wgan.generator_step(G1, C1, fast_opts[0], z_g) if do_g else None
-        ref_C, ref_G = textbook.wgan_step(G2, C2, ref_opts[0], ref_opts[1], real, z, z_g if do_g else None, 0.01)
+        loss_C = fast_critic(real, z, eps)
+        loss_G = script.generator_step(G1, C1, fast_opts[0], z_g) if do_g else None
+        ref_C, ref_G = ref_step(real, z, eps, z_g if do_g else None)
         assert torch.allclose(loss_C, ref_C, rtol=1e-4, atol=1e-6), (loss_C - ref_C).item()
         if do_g:
             assert torch.allclose(loss_G, ref_G, rtol=1e-4, atol=1e-6)
     # Compare what G computes, not its raw weights: the biases of the Linear layers before BatchNorm get no true
-    # gradient, so RMSprop moves them by rounding noise in both implementations; BatchNorm cancels them.
+    # gradient, so the optimizer moves them by rounding noise in both implementations; BatchNorm cancels them.
     z = torch.randn(16, 16)
     assert torch.allclose(G1(z), G2(z), rtol=1e-4, atol=1e-5)
     G1.eval(), G2.eval()
     assert torch.allclose(G1(z), G2(z), rtol=1e-4, atol=1e-5)
-    # RMSprop divides each gradient by its running RMS, so entries whose gradient nearly cancels between the real and
-    # the fake term carry rounding noise into the update; any real difference in the math moves weights by ~lr.
+    # RMSprop and Adam divide each gradient by its running RMS, so entries whose gradient nearly cancels between the
+    # terms carry rounding noise into the update; any real difference in the math moves weights by ~lr.
     diffs = torch.cat([(a - b).abs().flatten() for a, b in zip(C1.parameters(), C2.parameters())])
-    assert diffs.max() < 0.5 * 5e-5 and diffs.median() < 1e-9
+    assert diffs.max() < 0.5 * lr and diffs.median() < 1e-9
 
 
 def test_the_penalty_of_a_linear_critic_is_lambda_times_its_weight_norm_minus_1_squared_and_trains_it():
@@ -172,27 +192,3 @@ def test_the_penalty_takes_one_eps_and_one_gradient_norm_per_sample():
 
     assert np.isclose(penalty.item(), expected.item(), rtol=1e-5)
     assert np.isclose(grad_norm.item(), grads.norm(dim=1).mean().item(), rtol=1e-5)
-
-
-def test_fast_wgan_gp_steps_equal_the_textbook_step():
-    G1, G2 = _clone_pair(lambda: WGANGenerator(16, (1, 28, 28), (32, 64)))
-    C1, C2 = _clone_pair(lambda: Critic((1, 28, 28), (64, 32)))
-    fast_opts = [torch.optim.Adam(m.parameters(), lr=1e-4, betas=(0.5, 0.9), fused=True) for m in (G1, C1)]
-    ref_opts = [torch.optim.Adam(m.parameters(), lr=1e-4, betas=(0.5, 0.9)) for m in (G2, C2)]
-    for step in range(1, 7):
-        real, z, eps, z_g = torch.rand(8, 1, 28, 28) * 2 - 1, torch.randn(8, 16), torch.rand(8), torch.randn(8, 16)
-        do_g = step % 3 == 0
-        loss_C = train_wgan_gp.critic_step(G1, C1, fast_opts[1], real, z, eps, 10.0)[0]
-        loss_G = train_wgan_gp.generator_step(G1, C1, fast_opts[0], z_g) if do_g else None
-        ref_C, ref_G = textbook.wgan_gp_step(G2, C2, ref_opts[0], ref_opts[1], real, z, eps, z_g if do_g else None,
-                                             10.0)
-        assert torch.allclose(loss_C, ref_C, rtol=1e-4, atol=1e-6), (loss_C - ref_C).item()
-        if do_g:
-            assert torch.allclose(loss_G, ref_G, rtol=1e-4, atol=1e-6)
-    z = torch.randn(16, 16)
-    assert torch.allclose(G1(z), G2(z), rtol=1e-4, atol=1e-5)
-    G1.eval(), G2.eval()
-    assert torch.allclose(G1(z), G2(z), rtol=1e-4, atol=1e-5)
-    # Adam, as RMSprop above, turns the rounding noise of a nearly cancelling gradient into a step of up to lr
-    diffs = torch.cat([(a - b).abs().flatten() for a, b in zip(C1.parameters(), C2.parameters())])
-    assert diffs.max() < 0.5 * 1e-4 and diffs.median() < 1e-9
