@@ -59,11 +59,12 @@ def load_classifier(dataset, device):
     try:
         raw = path.read_bytes()
     except OSError as e:
-        raise utils.UserError(f"cannot read the feature network {path} ({e.strerror}); {restore}", 1) from None
+        raise utils.UserError(f"cannot read the feature network {path} ({e.strerror}); {restore}",
+                              utils.EXIT_DATA) from None
     sha = hashlib.sha256(raw).hexdigest()
     if sha != SHIPPED_SHA256[dataset]:
         raise utils.UserError(f"{path} is not the shipped {dataset} feature network (SHA-256 {sha[:12]}...,"
-                              f" expected {SHIPPED_SHA256[dataset][:12]}...); {restore}", 1)
+                              f" expected {SHIPPED_SHA256[dataset][:12]}...); {restore}", utils.EXIT_DATA)
     saved = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
     with torch.device("meta"):  # no random init (it would move the training's RNG): the weights are the file's
         model = Classifier()

@@ -2,7 +2,6 @@
 traceback, and nothing already written is changed."""
 import hashlib
 import os
-import pickle
 
 import pytest
 import torch

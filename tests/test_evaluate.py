@@ -13,7 +13,7 @@ import evaluate
 import train_vanilla_gan
 import train_wgan
 import utils
-from conftest import DEVICE, SMALL_VANILLA, SMALL_WGAN, run_in_process, subprocess_env
+from conftest import DEVICE, SMALL_WGAN, run_in_process, subprocess_env
 
 
 def closed_form_fid(mu1, s1, mu2, s2):
