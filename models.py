@@ -18,12 +18,13 @@ def init_weights(module):
         nn.init.zeros_(module.bias)
 
 
-def mlp(widths, slope, norm=False, dropout=0.0):
-    """Linear layers of widths[0] -> ... -> widths[-1], a LeakyReLU after each hidden one; BatchNorm1d before it from
-    the second hidden layer on (norm); Dropout after it (dropout > 0: absent otherwise, so layer names stay)."""
+def mlp(widths, slope, norm=None, norm_from=1, dropout=0.0):
+    """Linear layers of widths[0] -> ... -> widths[-1], a LeakyReLU after each hidden one; norm(width) (a BatchNorm1d
+    or LayerNorm) before it from hidden layer norm_from on (0: the first); Dropout after it (dropout > 0: absent
+    otherwise, so layer names stay)."""
     layers = []
     for i, (width_in, width) in enumerate(zip(widths[:-2], widths[1:-1])):
-        layers += [nn.Linear(width_in, width), *([nn.BatchNorm1d(width)] if norm and i > 0 else []),
+        layers += [nn.Linear(width_in, width), *([norm(width)] if norm and i >= norm_from else []),
                    nn.LeakyReLU(slope), *([nn.Dropout(dropout)] if dropout > 0 else [])]
     return layers + [nn.Linear(widths[-2], widths[-1])]
 
@@ -64,8 +65,8 @@ class WGANGenerator(nn.Module):
         super().__init__()
         self.model_args, self.z_dim = dict(z_dim=z_dim, img_shape=list(img_shape), widths=list(widths)), z_dim
         self.img_shape = tuple(img_shape)
-        self.net = nn.Sequential(*mlp([z_dim, *widths, img_shape[0] * img_shape[1] * img_shape[2]], 0.2, norm=True),
-                                 nn.Tanh())
+        dims = [z_dim, *widths, img_shape[0] * img_shape[1] * img_shape[2]]
+        self.net = nn.Sequential(*mlp(dims, 0.2, nn.BatchNorm1d), nn.Tanh())
         self.apply(init_weights)
 
     def forward(self, z):
@@ -73,11 +74,13 @@ class WGANGenerator(nn.Module):
 
 
 class Critic(nn.Module):
-    """WGAN critic: C*H*W -> 512 -> 256 -> 1 with LeakyReLU(0.2); a real-valued score, no sigmoid."""
+    """WGAN critic: C*H*W -> 512 -> 256 -> 1 with LeakyReLU(0.2); a real-valued score, no sigmoid. layer_norm: a
+    LayerNorm before each LeakyReLU (WGAN-GP: a per-sample norm, where BatchNorm would mix the batch's samples)."""
 
-    def __init__(self, img_shape=(1, 28, 28), widths=(512, 256)):
+    def __init__(self, img_shape=(1, 28, 28), widths=(512, 256), layer_norm=False):
         super().__init__()
-        self.net = nn.Sequential(*mlp([img_shape[0] * img_shape[1] * img_shape[2], *widths, 1], 0.2))
+        self.net = nn.Sequential(*mlp([img_shape[0] * img_shape[1] * img_shape[2], *widths, 1], 0.2,
+                                      nn.LayerNorm if layer_norm else None, norm_from=0))
         self.apply(init_weights)
 
     def forward(self, x):

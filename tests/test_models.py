@@ -41,6 +41,19 @@ def test_wgan_g_has_batchnorm_after_the_first_block_and_the_critic_an_unbounded_
     assert C(torch.ones(2, 1, 28, 28)).abs().min() > 1  # a score, not a probability
 
 
+def test_the_layer_norm_critic_normalizes_each_hidden_layer_and_scores_each_sample_on_its_own():
+    torch.manual_seed(0)
+    C = Critic((1, 28, 28), (32, 16), layer_norm=True)
+    assert [type(m) for m in C.net] == [nn.Linear, nn.LayerNorm, nn.LeakyReLU] * 2 + [nn.Linear]
+    with torch.no_grad():
+        C.net[1].bias.fill_(0.3)  # LayerNorm's own parameters train, not only the Linear layers'
+    x = torch.randn(5, 1, 28, 28)
+    # a per-sample norm: a sample's score (and so its penalty gradient) does not depend on the rest of the batch
+    assert torch.allclose(C(x), torch.cat([C(x[i:i + 1]) for i in range(5)]), atol=1e-6)
+    hidden = C.net[:2](x.flatten(1))
+    assert torch.allclose(hidden.mean(1), torch.full((5,), 0.3), atol=1e-5)  # normalized per sample, then shifted
+
+
 def test_weights_start_normal_with_std_002_and_zero_biases():
     torch.manual_seed(0)
     G = WGANGenerator()

@@ -35,7 +35,7 @@ def test_bench_times_both_loops_and_reports_their_ratio(tmp_path):
     assert code == 0, err
     result = json.loads(out.strip().splitlines()[-1])
     assert result["data"] == "random uint8 images" and result["matmul_gflops"] > 0
-    for algo in ("vanilla", "wgan"):
+    for algo in ("vanilla", "wgan", "wgan_gp"):
         r = result[algo]
         assert r["steps_per_s"] > 0 and abs(r["ratio"] - r["steps_per_s"] / r["ref_steps_per_s"]) < 0.01
 

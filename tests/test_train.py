@@ -70,17 +70,18 @@ def test_a_run_writes_scalars_grids_gif_checkpoint_and_metrics(tmp_path, data_ro
     assert [e.step for e in acc.Scalars("eval/fid")] == [16] and "eval at step 16 (64 samples): fid" in out
 
 
-def test_the_wgan_steps_its_generator_every_n_critic_critic_steps(tmp_path, data_root, monkeypatch):
-    calls = []
-    real_step = train_wgan.generator_step
-    monkeypatch.setattr(train_wgan, "generator_step", lambda *a: calls.append(1) or real_step(*a))
-    assert train("wgan", data_root, tmp_path, "g", "--max-steps", 13, "--no-eval")[0] == 0  # n_critic 3
+@pytest.mark.parametrize("algo", ["wgan", "wgan_gp"])
+def test_the_wgans_step_their_generator_every_n_critic_critic_steps(tmp_path, data_root, monkeypatch, algo):
+    calls, module = [], SCRIPTS[algo][0]
+    real_step = module.generator_step
+    monkeypatch.setattr(module, "generator_step", lambda *a: calls.append(1) or real_step(*a))
+    assert train(algo, data_root, tmp_path, "g", "--max-steps", 13, "--no-eval")[0] == 0  # n_critic 3
     assert len(calls) == 4 and load(tmp_path / "g")["step"] == 13  # after critic steps 3, 6, 9, 12
     assert load(tmp_path / "g")["G_ema"]["updates"] == 4
 
 
 @pytest.mark.parametrize("algo,sig", [("vanilla", "SIGKILL"), ("wgan", "SIGKILL"), ("wgan", "SIGTERM"),
-                                      ("wgan_gp", "SIGKILL")])
+                                      ("wgan_gp", "SIGKILL"), ("wgan_gp", "SIGTERM")])
 def test_a_run_killed_mid_epoch_resumes_bit_identical_to_a_run_never_stopped(tmp_path, data_root, algo, sig):
     common = ["--epochs", 3, "--log-every", 1, "--checkpoint-every", 5, "--ema-decay", 0.7, "--no-eval"]
     assert train(algo, data_root, tmp_path / "a", "r", *common)[0] == 0
@@ -123,7 +124,7 @@ def test_a_second_process_on_a_run_folder_is_refused_while_the_first_trains(tmp_
     assert run_in_process(train_vanilla_gan, ["--resume", tmp_path / "r", "--max-steps", 4])[0] == 0  # free again
 
 
-@pytest.mark.parametrize("algo", ["vanilla", "wgan"])
+@pytest.mark.parametrize("algo", ["vanilla", "wgan", "wgan_gp"])
 def test_a_nan_stops_the_run_in_one_line_and_keeps_the_last_good_checkpoint(tmp_path, data_root, algo, monkeypatch):
     module = SCRIPTS[algo][0]
     step_name = "train_step" if algo == "vanilla" else "critic_step"
@@ -182,5 +183,6 @@ def test_a_preset_sets_defaults_that_typed_flags_override_and_a_resume_keeps(tmp
     assert (tmp_path / "p" / "checkpoint.pt").read_bytes() == before
     assert set(train_wgan.PRESETS["paper"]) <= set(args) and utils.CHECKPOINT_FORMAT == 2
     code, _, err = train("wgan_gp", data_root, tmp_path, "gp", "--preset", "paper", "--max-steps", 2, "--no-eval")
-    gp_args = load(tmp_path / "gp")["args"]
-    assert code == 0 and (gp_args["beta1"], gp_args["beta2"], gp_args["ema_decay"]) == (0, 0.9, 0), err
+    gp = load(tmp_path / "gp")
+    assert code == 0 and [gp["args"][k] for k in ("beta1", "beta2", "ema_decay", "layer_norm")] == [0, 0.9, 0, False]
+    assert set(gp["C"]) == {f"net.{i}.{p}" for i in (0, 2, 4) for p in ("weight", "bias")}, err  # no LayerNorm

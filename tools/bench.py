@@ -1,12 +1,13 @@
-"""Training-step speed of both scripts against a reference loop in the style of the two sources, in one process.
+"""Training-step speed of the three scripts against a reference loop in the style of their sources, in one process.
 
     python tools/bench.py --device cpu            # a table
     python tools/bench.py --device cpu --json     # one JSON line
 
 Reference loop: tests/textbook.py's steps (the sources' own: separate forwards, `retain_graph=True` in the vanilla
-D step, a clamp per critic parameter), plain optimizers, and a torchvision-style dataset (PIL image -> ToTensor ->
-Normalize per image) through a DataLoader. Ours: the very step functions the training scripts run, on the dataset
-resident on the device. Same data, device and sizes; warm-up first, then the two alternated.
+D step, a clamp per critic parameter; WGAN-GP's separate forwards of x, G(z) and x_hat), plain optimizers, and a
+torchvision-style dataset (PIL image -> ToTensor -> Normalize per image) through a DataLoader. Ours: the very step
+functions the training scripts run, on the dataset resident on the device. Same data, device and sizes; warm-up first,
+then the two alternated.
 """
 import json
 import statistics
@@ -22,6 +23,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # the product, and the textbook
 import textbook  # noqa: E402
 import train_vanilla_gan  # noqa: E402
 import train_wgan  # noqa: E402
+import train_wgan_gp  # noqa: E402
 import utils  # noqa: E402
 from models import Critic, Discriminator, Generator, WGANGenerator  # noqa: E402
 
@@ -109,6 +111,35 @@ def wgan_setup(device, z_dim=100, batch=64, lr=5e-5, n_critic=5, clip=0.01):
         train_wgan.critic_step(G2, C2, our_opts[1], real, torch.randn(batch, z_dim, device=device), clip)
         if counts[1] % n_critic == 0:
             train_wgan.generator_step(G2, C2, our_opts[0], torch.randn(batch, z_dim, device=device))
+
+    return ref, ours, batch, 28
+
+
+def wgan_gp_setup(device, z_dim=100, batch=64, lr=1e-4, n_critic=5, gp_weight=10.0):
+    """The penalty's critic step (a double backward): textbook.py's separate forwards against the script's one."""
+    def nets():
+        torch.manual_seed(0)
+        return WGANGenerator(z_dim).to(device), Critic().to(device)
+
+    G1, C1 = nets()
+    ref_opts = [torch.optim.Adam(m.parameters(), lr=lr, betas=(0.5, 0.9), foreach=False) for m in (G1, C1)]
+    G2, C2 = nets()
+    fast = {"fused": True} if device.type in ("cpu", "cuda") else {"foreach": True}  # as train_wgan_gp.py
+    our_opts = [torch.optim.Adam(m.parameters(), lr=lr, betas=(0.5, 0.9), **fast) for m in (G2, C2)]
+    counts = [0, 0]
+
+    def ref(real):
+        counts[0] += 1
+        z, eps = torch.randn(batch, z_dim, device=device), torch.rand(batch, device=device)
+        z_g = torch.randn(batch, z_dim, device=device) if counts[0] % n_critic == 0 else None
+        textbook.wgan_gp_step(G1, C1, *ref_opts, real.to(device), z, eps, z_g, gp_weight)
+
+    def ours(real):
+        counts[1] += 1
+        z, eps = torch.randn(batch, z_dim, device=device), torch.rand(batch, device=device)
+        train_wgan_gp.critic_step(G2, C2, our_opts[1], real, z, eps, gp_weight)
+        if counts[1] % n_critic == 0:
+            train_wgan_gp.generator_step(G2, C2, our_opts[0], torch.randn(batch, z_dim, device=device))
 
     return ref, ours, batch, 28
 
@@ -222,7 +253,7 @@ def main(argv=None):
     matmul = matmul_gflops(device)
     device_name = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
     result = {"device": device_name, "torch": torch.__version__, "data": data, "matmul_gflops": round(matmul, 1)}
-    for name, setup in (("vanilla", vanilla_setup), ("wgan", wgan_setup)):
+    for name, setup in (("vanilla", vanilla_setup), ("wgan", wgan_setup), ("wgan_gp", wgan_gp_setup)):
         r = bench_algo(setup, images, device, args.steps, args.repeats, args.warmup)
         r["flop_fraction"] = round(r["achieved_gflops"] / matmul, 3)
         result[name] = r
@@ -237,7 +268,7 @@ def main(argv=None):
           f" process peak RSS {result['process_peak_rss_mib']} MiB")
     print(f"{'':8} {'ref steps/s':>12} {'steps/s':>9} {'ratio':>6} {'images/s':>9} {'GFLOP/step':>11} "
           f"{'GFLOP/s':>8} {'% limit':>8} {'GPU peak MiB ref/ours':>22}")
-    for name in ("vanilla", "wgan"):
+    for name in ("vanilla", "wgan", "wgan_gp"):
         r = result[name]
         print(f"{name:8} {r['ref_steps_per_s']:>12} {r['steps_per_s']:>9} {r['ratio']:>6} {r['images_per_s']:>9} "
               f"{r['gflop_per_step']:>11} {r['achieved_gflops']:>8} {100 * r['flop_fraction']:>7.1f}% "

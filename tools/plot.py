@@ -30,8 +30,9 @@ class ArgumentParser(argparse.ArgumentParser):
         raise PlotError(f"{message} (see --help)")
 
 
-CURVES = {"wgan": ["wasserstein_estimate", "loss/G"], "vanilla_gan": ["loss/D", "loss/G", "D(x)", "D(G(z))"]}
-QUALITY_LOSS = {"wgan": "wasserstein_estimate", "vanilla_gan": "loss/D"}  # the loss set against eval/fid
+CURVES = {"wgan": ["wasserstein_estimate", "loss/G"], "vanilla_gan": ["loss/D", "loss/G", "D(x)", "D(G(z))"],
+          "wgan_gp": ["wasserstein_estimate", "loss/G", "gradient_penalty", "grad_norm"]}
+QUALITY_LOSS = {"wgan": "wasserstein_estimate", "vanilla_gan": "loss/D", "wgan_gp": "wasserstein_estimate"}  # vs FID
 
 
 def read_scalars(run_dir):
@@ -81,7 +82,8 @@ def main(argv=None):
         return compare(runs, out)
     run = runs[0]
     scalars = read_scalars(run)
-    algo = "wgan" if "epoch_mean/wasserstein_estimate" in scalars else "vanilla_gan"
+    algo = ("wgan_gp" if "epoch_mean/gradient_penalty" in scalars else "wgan"
+            if "epoch_mean/wasserstein_estimate" in scalars else "vanilla_gan")
     curves = {name: scalars.get("epoch_mean/" + name, []) for name in CURVES[algo]}
     if not any(curves.values()):
         raise PlotError(f"{run}: no finished epoch logged yet; plot again after the first epoch")
