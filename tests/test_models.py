@@ -45,8 +45,9 @@ def test_the_layer_norm_critic_normalizes_each_hidden_layer_and_scores_each_samp
     torch.manual_seed(0)
     C = Critic((1, 28, 28), (32, 16), layer_norm=True)
     assert [type(m) for m in C.net] == [nn.Linear, nn.LayerNorm, nn.LeakyReLU] * 2 + [nn.Linear]
+    assert {id(p) for p in C.net[1].parameters()} <= {id(p) for p in C.parameters()}  # they train too
     with torch.no_grad():
-        C.net[1].bias.fill_(0.3)  # LayerNorm's own parameters train, not only the Linear layers'
+        C.net[1].bias.fill_(0.3)
     x = torch.randn(5, 1, 28, 28)
     # a per-sample norm: a sample's score (and so its penalty gradient) does not depend on the rest of the batch
     assert torch.allclose(C(x), torch.cat([C(x[i:i + 1]) for i in range(5)]), atol=1e-6)

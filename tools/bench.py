@@ -67,7 +67,7 @@ def our_batches(images, batch_size, seed):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# The two algorithms, each as (reference step, our step) closures over their own networks.
+# The three algorithms, each as (reference step, our step) closures over their own networks.
 
 
 def vanilla_setup(device, z_dim=64, batch=32, lr=3e-4):
@@ -115,7 +115,7 @@ def wgan_setup(device, z_dim=100, batch=64, lr=5e-5, n_critic=5, clip=0.01):
     return ref, ours, batch, 28
 
 
-def wgan_gp_setup(device, z_dim=100, batch=64, lr=1e-4, n_critic=5, gp_weight=10.0):
+def wgan_gp_setup(device, z_dim=100, batch=64, lr=1e-3, n_critic=5, gp_weight=10.0):
     """The penalty's critic step (a double backward): textbook.py's separate forwards against the script's one."""
     def nets():
         torch.manual_seed(0)
