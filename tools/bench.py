@@ -90,14 +90,16 @@ def vanilla_setup(device, z_dim=64, batch=32, lr=3e-4):
     return ref, ours, batch, 28
 
 
-def wgan_setup(device, z_dim=100, batch=64, lr=5e-5, n_critic=5, clip=0.01):
-    def nets():
-        torch.manual_seed(0)
-        return WGANGenerator(z_dim).to(device), Critic().to(device)
+def wgan_nets(device, z_dim):
+    """Both WGANs' networks at the scripts' default sizes, from one seed: each loop gets an identical pair."""
+    torch.manual_seed(0)
+    return WGANGenerator(z_dim).to(device), Critic().to(device)
 
-    G1, C1 = nets()
+
+def wgan_setup(device, z_dim=100, batch=64, lr=5e-5, n_critic=5, clip=0.01):
+    G1, C1 = wgan_nets(device, z_dim)
     ref_opts = [torch.optim.RMSprop(m.parameters(), lr=lr, foreach=False) for m in (G1, C1)]
-    G2, C2 = nets()
+    G2, C2 = wgan_nets(device, z_dim)
     our_opts = [torch.optim.RMSprop(m.parameters(), lr=lr, foreach=True) for m in (G2, C2)]  # as train_wgan.py
     counts = [0, 0]
 
@@ -117,13 +119,9 @@ def wgan_setup(device, z_dim=100, batch=64, lr=5e-5, n_critic=5, clip=0.01):
 
 def wgan_gp_setup(device, z_dim=100, batch=64, lr=1e-3, n_critic=5, gp_weight=10.0):
     """The penalty's critic step (a double backward): textbook.py's separate forwards against the script's one."""
-    def nets():
-        torch.manual_seed(0)
-        return WGANGenerator(z_dim).to(device), Critic().to(device)
-
-    G1, C1 = nets()
+    G1, C1 = wgan_nets(device, z_dim)
     ref_opts = [torch.optim.Adam(m.parameters(), lr=lr, betas=(0.5, 0.9), foreach=False) for m in (G1, C1)]
-    G2, C2 = nets()
+    G2, C2 = wgan_nets(device, z_dim)
     fast = {"fused": True} if device.type in ("cpu", "cuda") else {"foreach": True}  # as train_wgan_gp.py
     our_opts = [torch.optim.Adam(m.parameters(), lr=lr, betas=(0.5, 0.9), **fast) for m in (G2, C2)]
     counts = [0, 0]
