@@ -51,9 +51,16 @@ class Classifier(nn.Module):
         return self.head(self.features(x))
 
 
+def no_feature_network(dataset):
+    return (f"no feature network ships for {dataset}: make one with python tools/train_classifier.py --dataset"
+            f" {dataset} --out classifiers/{dataset}.pt, and add the SHA-256 it prints to evaluate.SHIPPED_SHA256")
+
+
 def load_classifier(dataset, device):
     """The shipped feature network of `dataset`, its SHA-256 checked (so the weights are the shipped ones, and FIDs
     compare). Returns (model in float32 on device, {"sha256", "test_accuracy"})."""
+    if dataset not in SHIPPED_SHA256:
+        raise utils.UserError(no_feature_network(dataset), utils.EXIT_DATA)
     path = SHIPPED_DIR / f"{dataset}.pt"
     restore = f"restore it: git -C {SHIPPED_DIR.parent} checkout -- classifiers/{dataset}.pt"
     try:
@@ -150,14 +157,9 @@ def reference(dataset, data_root, device):
 # Samples
 
 
-def as_images(images):
-    """A generator's output as N x C x H x W: the vanilla generator's flat N x H*W as N x 1 x H x W (square)."""
-    return images.view(len(images), 1, *[round(images.shape[1] ** 0.5)] * 2) if images.dim() == 2 else images
-
-
 def to_uint8_28(images):
     """[-1, 1] images N x C x H x W, or N x H*W (square) -> uint8 N x 28 x 28 (antialiased resize when H != 28)."""
-    images = as_images(images)
+    images = utils.as_images(images)
     if images.shape[-1] != 28:
         images = F.interpolate(images.float(), size=(28, 28), mode="bilinear", antialias=True, align_corners=False)
     return ((images[:, 0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
@@ -196,7 +198,7 @@ def interpolation(G, device, rows=8, steps=10, seed=0):
     gen = torch.Generator(device=device).manual_seed(seed)
     start, end = torch.randn(2, rows, 1, G.z_dim, device=device, generator=gen)
     t = torch.linspace(0, 1, steps, device=device)[None, :, None]
-    return as_images(models.generate(G, (start + t * (end - start)).reshape(rows * steps, G.z_dim)))
+    return utils.as_images(models.generate(G, (start + t * (end - start)).reshape(rows * steps, G.z_dim)))
 
 
 def make_parser():

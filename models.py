@@ -154,3 +154,9 @@ class EMA:
     def load_state_dict(self, state):
         self.model.load_state_dict(state["model"])
         self.updates = state["updates"]
+
+
+def batch_statistics(net):
+    """Whether a network mixes a batch's samples (BatchNorm in training): then one forward over real and fake
+    together differs from two, and a per-sample gradient penalty is wrong."""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training for m in net.modules())

@@ -1,15 +1,19 @@
 """Plain functions the training scripts and evaluate.py share, each readable on its own:
 
-    UserError, run_main                      a failure users meet: one line on stderr and an exit code, no traceback
-    parse_flags                              typed flags > --preset > the resumed checkpoint's > the defaults
-    positive_int, fraction, seed, ...        argparse types that refuse what cannot train
-    pick_device, seed_everything, rng_state, set_rng_state, batch_order
-    load_images, resize, to_model_range      MNIST / FashionMNIST through torchvision, as uint8 images
-    make_run_dir, load_states, stop_on_signals   the run folder (locked), its states, SIGINT/SIGTERM at a step end
-    save_checkpoint, load_checkpoint         atomic writes, never a NaN over the last good checkpoint, format 2
-    finite, save_samples                     scalars as floats (a NaN or inf stops the run), sample grids, the gif
+    UserError, run_main                  a failure users meet: one line on stderr and an exit code, no traceback
+    add_run_flags, parse_flags           the flags every script has; typed > --preset > a resumed run's > defaults
+    positive_int, fraction, seed, ...    argparse types that refuse what cannot train
+    pick_device, seed_everything, rng_state, set_rng_state
+    load_images, resize, load_data       MNIST / FashionMNIST through torchvision, as uint8 images
+    start_run                            a new or resumed run: its folder (locked), states, TensorBoard, step counters
+    epoch_batches, add_to_epoch_means, end_step, end_epoch, finish
+                                         what a script's loop calls around its own steps and scalars
+    save_checkpoint, load_checkpoint     atomic writes, never a NaN over the last good checkpoint, format 3
+    finite, save_samples                 scalars as floats (a NaN or inf stops the run), sample grids, the gif
 """
 import argparse
+import errno
+import json
 import math
 import os
 import random
@@ -17,6 +21,7 @@ import signal
 import sys
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -24,14 +29,21 @@ import torch.nn.functional as F
 import torchvision
 import torchvision.utils as vutils
 from PIL import Image, ImageDraw
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+from models import generate
 
 try:
     import fcntl
 except ImportError:  # Windows: run folders are not locked there
     fcntl = None
 
-CHECKPOINT_FORMAT = 2  # raised whenever what a checkpoint holds changes; another format is refused in one line
+CHECKPOINT_FORMAT = 3  # raised whenever what a checkpoint holds changes; another format is refused in one line
 EXIT_DATA, EXIT_USAGE, EXIT_DIVERGED, EXIT_WRITE = 1, 2, 3, 4  # data or memory; flags or files; NaN; a full disk
+# What a resumed run keeps from its checkpoint: its data, batch order and fixed-noise grid are made of these (a
+# network's shape is kept too: its weights would not fit).
+KEPT_ON_RESUME = ("dataset", "batch_size", "seed", "n_samples")
 
 
 class UserError(Exception):
@@ -48,19 +60,26 @@ def reason(error):
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
+def cannot_write(path, error):
+    return UserError(f"cannot write {path} ({error.strerror or reason(error)}); every file written before is kept:"
+                     " free space or fix the folder, then run the command again (a training run: --resume it)",
+                     EXIT_WRITE)
+
+
 def run_main(main, argv=None):
     """Run a command's main(argv); the failures users meet become one line on stderr and an exit code."""
     # TensorBoard's writer thread dies on a full disk; its next write raises it here: print it once, without the thread
     threading.excepthook = lambda hook: None if issubclass(hook.exc_type, OSError) else threading.__excepthook__(hook)
     try:
-        main(argv)
+        try:
+            main(argv)
+        except OSError as e:  # a full disk under TensorBoard's writer (write_atomic names its own files)
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise  # any other OSError is a bug to show, a failed read among them
+            raise cannot_write(e.filename or "TensorBoard's event file", e) from None
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(e.code)
-    except OSError as e:  # torch.save, a PNG or TensorBoard: nothing replaced a file it was writing (write_atomic)
-        print(f"error: cannot write {e.filename or 'a file of the run'} ({e.strerror or e}); every file written before"
-              " is kept: free space or fix the folder, then --resume the run", file=sys.stderr)
-        sys.exit(EXIT_WRITE)
     except (MemoryError, RuntimeError) as e:
         if not isinstance(e, MemoryError) and "out of memory" not in str(e) and "can't allocate" not in str(e):
             raise
@@ -71,9 +90,13 @@ def run_main(main, argv=None):
         sys.exit(130)
 
 
+# ----------------------------------------------------------------------------------------------------------------------
+# Flags
+
+
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
     """--help: the description as written (its commands on their own lines) and each flag's default, but not a
-    switch's (--no-eval's default, True, would read as a contradiction)."""
+    switch's (--eval/--no-eval's default would read as a contradiction)."""
 
     def _get_help_string(self, action):
         return action.help if action.nargs == 0 else super()._get_help_string(action)
@@ -87,17 +110,6 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message):
         raise UserError(f"{message} (see --help)")
-
-
-def parse_flags(parser, presets, script, argv):
-    """The run's flags: typed > --preset > (with --resume) the checkpoint's > the defaults. Returns (args, the
-    checkpoint to resume or None)."""
-    args = parser.parse_args(argv)
-    ckpt = load_checkpoint(args.resume, script) if args.resume else None
-    parser.set_defaults(**(ckpt["args"] if ckpt else presets[args.preset]))
-    args = parser.parse_args(argv)
-    args.run_name = args.run_name or f"{script.removeprefix('train_')}-{args.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
-    return args, ckpt
 
 
 def _number(kind, ok, must):
@@ -118,6 +130,70 @@ positive_float = _number(float, lambda v: 0 < v < math.inf, "a positive number")
 fraction = _number(float, lambda v: 0 <= v < 1, "at least 0 and below 1")  # a decay, a dropout, a slope, a beta
 seed = _number(int, lambda v: -2**63 <= v < 2**64, "an integer from -2**63 to 2**64 - 1 (torch's seeds)")
 eval_n = _number(int, lambda v: v >= 4, "at least 4 (precision/recall use each sample's 3rd-nearest neighbour)")
+batch_norm_batch = _number(int, lambda v: v >= 2, "2 or more (BatchNorm needs 2 images per batch)")
+
+
+def add_run_flags(parser, presets, n_samples, ema_decay):
+    """The flags every training script has (its own come first): the preset, data, seed, device, the run folder and
+    resume, logging, checkpoints, the grid, the weight average, the evaluation."""
+    add = parser.add_argument
+    add("--preset", choices=sorted(presets), default="default",
+        help="a set of defaults: typed flags override it; with --resume it overrides the run's own flags")
+    add("--data-root", default="data", help="holds <MNIST|FashionMNIST>/raw/ (downloaded there when missing)")
+    add("--img-size", type=positive_int, default=28, help="train on images resized to this side")
+    add("--ema-decay", type=fraction, default=ema_decay,
+        help="decay of the generator's weight average, which draws the grids and is evaluated (0 = off); after t"
+        " generator steps the average uses min(this, t / (t + 25)): 0.999 is reached after 24,975 steps")
+    add("--seed", type=seed, default=1, help="seeds every random number: weights, data order, noise")
+    add("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto", help="auto = cuda, else mps, else cpu")
+    add("--runs-dir", default="runs", help="where run folders are made")
+    add("--run-name", default=None, help="the run folder's name (default <algorithm>-<dataset>-<date>-<time>)")
+    add("--resume", metavar="RUN", help="continue this run folder exactly, with its flags; typed flags override them"
+        f" and take effect, except {', '.join('--' + k.replace('_', '-') for k in KEPT_ON_RESUME)} and a network's"
+        " shape (refused); a folder without a checkpoint starts from the beginning")
+    add("--log-every", type=positive_int, default=100, help="steps between TensorBoard scalars")
+    add("--checkpoint-every", type=non_negative_int, default=500,
+        help="steps between checkpoints (0 = epoch ends only); one is also saved at the start, at every epoch end"
+        " and on Ctrl-C or SIGTERM")
+    add("--max-steps", type=non_negative_int, default=0,
+        help="stop after this many steps in all (the WGANs: critic steps; 0 = no limit)")
+    add("--n-samples", type=positive_int, default=n_samples, help="images in the fixed-noise grid")
+    add("--eval", action=argparse.BooleanOptionalAction, default=True,
+        help="evaluate at the end, and every --eval-every epochs: metrics.json and eval/* (default: on)")
+    add("--eval-every", type=non_negative_int, default=0, help="epochs between evaluations (0 = at the end only)")
+    add("--eval-n", type=eval_n, default=10000, help="generated images per evaluation")
+    add("--progress", action=argparse.BooleanOptionalAction, default=True,
+        help="a progress bar (--no-progress: one line per epoch)")
+
+
+def typed_flags(parser, argv):
+    """{dest: value} of the flags typed on the command line, without the defaults."""
+    unset = object()
+    typed = parser.parse_args(argv, argparse.Namespace(**dict.fromkeys(vars(parser.parse_args([])), unset)))
+    return {name: value for name, value in vars(typed).items() if value is not unset}
+
+
+def parse_flags(parser, presets, script, argv):
+    """The run's flags: typed > a typed --preset > (with --resume) the checkpoint's > the defaults. Returns (args, the
+    checkpoint to resume or None). A --resume folder without a checkpoint yet is a new run in that folder."""
+    typed, ckpt = typed_flags(parser, argv), None
+    if "resume" in typed:
+        path = Path(typed["resume"])
+        if path.is_dir() and not (path / "checkpoint.pt").exists():
+            print(f"{path} has no checkpoint yet: starting it from the beginning")
+        else:
+            ckpt = load_checkpoint(path, script)
+        run_dir = path if path.is_dir() else path.parent
+        typed.update(runs_dir=str(run_dir.parent), run_name=run_dir.name)
+    defaults = vars(parser.parse_args([]))
+    args = {**defaults, **(ckpt["args"] if ckpt else {}), **presets[typed.get("preset", "default")], **typed}
+    for name in KEPT_ON_RESUME if ckpt else ():
+        if args[name] != ckpt["args"][name]:
+            raise UserError(f"--{name.replace('_', '-')} {args[name]}: {typed['resume']} was trained with"
+                            f" {ckpt['args'][name]}, which a resumed run keeps; start a new run for another")
+    args["run_name"] = args["run_name"] or f"{script.removeprefix('train_')}-{args['dataset']}-" \
+                                           f"{time.strftime('%Y%m%d-%H%M%S')}"
+    return argparse.Namespace(**args), ckpt
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -131,6 +207,11 @@ def pick_device(name):
     if (name == "cuda" and not torch.cuda.is_available()) or (name == "mps" and not torch.backends.mps.is_available()):
         raise UserError(f"--device {name}: no {name.upper()} device is available here; use --device cpu")
     return torch.device(name)
+
+
+def fused(device):
+    """An optimizer's one kernel for all weights: fused where torch has it (CPU, CUDA), else foreach (MPS)."""
+    return {"fused": True} if device.type in ("cpu", "cuda") else {"foreach": True}
 
 
 def seed_everything(seed):
@@ -191,20 +272,96 @@ def to_model_range(batch_uint8):
     return batch_uint8.float().div_(127.5).sub_(1.0)
 
 
+def as_images(images):
+    """A generator's output as N x C x H x W: a flat N x H*W as N x 1 x H x W (square)."""
+    return images.view(len(images), 1, *[round(images.shape[1] ** 0.5)] * 2) if images.dim() == 2 else images
+
+
+def load_data(args, device):
+    """The training split as uint8 N x 1 x S x S, resident on the device (a batch is an index), with --batch-size
+    checked against it; what the evaluation needs is loaded now rather than after the training. A dataset with no
+    shipped feature network trains without evaluation (args.eval set off), saying so in one line."""
+    import evaluate  # here, not at the top: evaluate.py imports this module
+
+    images = resize(load_images(args.dataset, args.data_root)[0], args.img_size)[:, None].to(device)
+    if len(images) < args.batch_size:
+        raise UserError(f"argument --batch-size: must be at most {len(images)}, the training images (see --help)")
+    if args.eval and args.dataset not in evaluate.SHIPPED_SHA256:
+        print(f"warning: {evaluate.no_feature_network(args.dataset)}; this run trains without evaluation",
+              file=sys.stderr)
+        args.eval = False
+    if args.eval:
+        evaluate.reference(args.dataset, args.data_root, device)
+    return images
+
+
 # ----------------------------------------------------------------------------------------------------------------------
-# The run folder, signals, checkpoints
+# A run: start or resume it, then what the loop calls around each step and each epoch
 
 
-def make_run_dir(args, resuming):
-    """The run's folder: a new one under --runs-dir (an existing one is refused, so two runs never mix), or the one
-    resumed; locked for this process until it ends (the kernel drops the lock however it ends, kill -9 too)."""
-    run_dir = Path(args.resume) if resuming else Path(args.runs_dir) / args.run_name
-    run_dir = run_dir.parent if run_dir.is_file() else run_dir
-    if not resuming:
-        try:
-            run_dir.mkdir(parents=True)
-        except FileExistsError:
-            raise UserError(f"{run_dir} exists; continue it with --resume {run_dir}, or choose another --run-name")
+@dataclass
+class Run:
+    """The state of a run that a script's loop reads and the functions below keep: no method, no loop of its own."""
+    args: argparse.Namespace
+    script: str
+    dir: Path
+    lock: object  # the open .lock file: the run folder is ours while it stays open
+    parts: dict  # {"G": G, "D" or "C": ..., "opt_G": ..., ..., "G_ema": EMA or None}: what the checkpoint holds
+    steps_per_epoch: int
+    last_step: int
+    fixed_noise: torch.Tensor  # the grids' noise
+    step: int = 0  # steps done over the whole run (the WGANs: critic steps)
+    sums: dict = field(default_factory=dict)  # this epoch's sums of each logged value (tensors: no host sync)...
+    counts: dict = field(default_factory=dict)  # ... and how many steps logged it
+    order: torch.Generator = None  # the batch order (batch_order)
+    sampler: torch.nn.Module = None  # what draws the grids and is evaluated: the weight average if there is one, else G
+    writer: SummaryWriter = None  # None when a resumed run had nothing left to do
+    stop: dict = field(default_factory=dict)  # {"signal": n} once Ctrl-C or SIGTERM asks the run to stop
+    epoch_started: float = 0.0
+
+
+def start_run(args, ckpt, script, images, **parts):
+    """A new run (a folder made, a checkpoint at step 0, so that it resumes with its flags from its first step) or the
+    one resumed (every part restored from its checkpoint, and an evaluation it owes made); TensorBoard; SIGINT and
+    SIGTERM caught. parts: the networks, optimizers and weight average by checkpoint name ("G", "G_ema": drawn)."""
+    run_dir, lock = make_run_dir(args)
+    steps_per_epoch = len(images) // args.batch_size  # the last partial batch is dropped
+    run = Run(args, script, run_dir, lock, parts, steps_per_epoch,
+              last_step=min(args.epochs * steps_per_epoch, args.max_steps or math.inf),
+              fixed_noise=torch.randn(args.n_samples, parts["G"].z_dim, device=images.device),
+              sampler=parts["G_ema"].model if parts.get("G_ema") else parts["G"])
+    if ckpt:
+        load_states(ckpt, run_dir, **parts)
+        run.step, run.fixed_noise = ckpt["step"], ckpt["fixed_noise"].to(images.device)
+        run.sums = {name: value.to(images.device) for name, value in ckpt["epoch_sums"].items()}
+        run.counts = ckpt["epoch_counts"]
+        set_rng_state(ckpt["rng"], images.device)
+    run.order = batch_order(args.seed, len(images), run.step // steps_per_epoch)
+    if run.step >= run.last_step and not evaluation_due(run):  # nothing to do: nothing is written
+        print(f"{run_dir} is complete at step {run.step}: to train further, --resume it with more --epochs or"
+              " --max-steps")
+        return run
+    run.writer = SummaryWriter(run_dir, purge_step=run.step + 1 if ckpt else 0)  # purge: no point logged twice
+    run.writer.add_text("config", f"```\n{json.dumps(vars(args), indent=2)}\n```", run.step)
+    if ckpt:
+        print(f"resuming {run_dir} at step {run.step}")
+    else:
+        run.writer.add_image("real", image_grid(to_model_range(images[:args.n_samples])), 0)
+        save_checkpoint(run)
+    if evaluation_due(run):  # one that a stopped or failed run owes
+        evaluate_run(run)
+    run.stop = stop_on_signals()
+    return run
+
+
+def make_run_dir(args):
+    """The run's folder, --runs-dir/--run-name: one that holds a checkpoint is refused unless resumed (so two runs
+    never mix); one without is started (a run that died before its first checkpoint). Locked for this process until
+    it ends (the kernel drops the lock however it ends, kill -9 too)."""
+    run_dir = Path(args.runs_dir) / args.run_name
+    if not args.resume and (run_dir / "checkpoint.pt").exists():
+        raise UserError(f"{run_dir} exists; continue it with --resume {run_dir}, or choose another --run-name")
+    run_dir.mkdir(parents=True, exist_ok=True)
     lock = open(run_dir / ".lock", "w")
     if fcntl:
         try:
@@ -224,12 +381,18 @@ def batch_order(seed, n, epochs_done):
 
 
 def load_states(ckpt, run_dir, **parts):
-    """Each part (a network, an optimizer, the weight average; None: absent in this run) from its checkpoint entry;
-    refused in one line when they do not fit (a flag typed with --resume changed a network)."""
+    """Each part (a network, an optimizer, the weight average; None: absent in this run) from its checkpoint entry.
+    An optimizer keeps the hyperparameters it was built with, the flags in force (a typed --lr takes effect), and
+    takes its state (moments, step counts) from the checkpoint. Refused in one line when a part does not fit (a flag
+    typed with --resume changed a network)."""
     try:
         for name, part in parts.items():
-            if part is not None:
-                part.load_state_dict(ckpt[name])
+            if part is None:
+                continue
+            built = [{k: v for k, v in group.items() if k != "params"} for group in getattr(part, "param_groups", [])]
+            part.load_state_dict(ckpt[name])
+            for group, hyperparameters in zip(getattr(part, "param_groups", []), built):
+                group.update(hyperparameters)
     except (RuntimeError, ValueError, KeyError, TypeError) as e:
         raise UserError(f"{run_dir}: its checkpoint does not fit these flags ({reason(e)}); resume without the flags"
                         " that change the networks") from None
@@ -250,9 +413,110 @@ def stop_on_signals():
     return stop
 
 
+def epoch_batches(run, images):
+    """This epoch's batches from where the run stands, as [-1, 1] floats on the device: index slices of one
+    permutation of the images (from the batch-order generator), up to the epoch's or the run's end; a progress bar."""
+    perm = torch.randperm(len(images), generator=run.order).to(images.device)
+    first, size = run.step % run.steps_per_epoch, run.args.batch_size
+    end = min(run.steps_per_epoch, first + run.last_step - run.step)
+    run.epoch_started = time.time()
+    for batch in tqdm(range(first, end), initial=first, total=run.steps_per_epoch, leave=False,
+                      desc=f"epoch {run.step // run.steps_per_epoch + 1}", disable=not run.args.progress):
+        yield to_model_range(images[perm[batch * size:(batch + 1) * size]])
+
+
+def add_to_epoch_means(run, values):
+    """Add a step's values (tensors: no host sync) to this epoch's sums; each is averaged over the steps that gave it."""
+    for name, value in values.items():
+        run.sums[name] = run.sums.get(name, 0) + value
+        run.counts[name] = run.counts.get(name, 0) + 1
+
+
+def end_step(run):
+    """After a step: inside an epoch, a checkpoint every --checkpoint-every steps, and one where Ctrl-C or SIGTERM
+    stops the run (end_epoch saves the others). Returns True when the run is to stop."""
+    every = run.args.checkpoint_every
+    if run.step % run.steps_per_epoch and run.step < run.last_step and (run.stop or every and run.step % every == 0):
+        save_checkpoint(run)
+    return bool(run.stop)
+
+
+def end_epoch(run):
+    """After the batch loop. At an epoch's end: its means (epoch_mean/* and a line), the fixed noise's grid, a
+    checkpoint, and an evaluation when one is due; where --max-steps ends a run inside an epoch: the grid
+    (samples/step_NNNNNNN.png), a checkpoint and the final evaluation; after a stop inside an epoch: nothing (end_step
+    saved it). Returns the epoch's means ({} when it is not whole)."""
+    step, whole, means = run.step, run.step % run.steps_per_epoch == 0, {}
+    if not whole and step < run.last_step:
+        return means
+    epoch = step // run.steps_per_epoch
+    if whole:
+        means = finite(step, {name: value / run.counts[name] for name, value in run.sums.items()})
+        for name, value in means.items():
+            run.writer.add_scalar(f"epoch_mean/{name}", value, step)
+        print(f"epoch {epoch}/{run.args.epochs}  step {step}  " + "  ".join(f"{k} {v:.4f}" for k, v in means.items())
+              + f"  ({time.time() - run.epoch_started:.1f}s)", flush=True)
+        run.sums, run.counts = {}, {}
+    if run.parts.get("G_ema"):
+        run.parts["G_ema"].calibrate()  # BatchNorm statistics of the averaged weights (saving does it too)
+    save_samples(run.writer, run.dir, as_images(generate(run.sampler, run.fixed_noise)), step, epoch if whole else None)
+    save_checkpoint(run)
+    if evaluation_due(run):
+        evaluate_run(run)
+    return means
+
+
+def evaluation_due(run):
+    """An evaluation at this step: the final one, or one every --eval-every epochs; none while a signal stops the run,
+    nor when metrics.json holds this step's already (a resumed run makes the one a stopped or failed run owes)."""
+    args, epoch = run.args, run.step // run.steps_per_epoch
+    scheduled = run.step == run.last_step or (args.eval_every and run.step % run.steps_per_epoch == 0
+                                              and epoch % args.eval_every == 0)
+    return bool(args.eval and run.step > 0 and scheduled and not run.stop and metrics_step(run) != run.step)
+
+
+def metrics_step(run):
+    """The step of the evaluation in metrics.json, or None."""
+    try:
+        return json.loads((run.dir / "metrics.json").read_text())["step"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def evaluate_run(run):
+    """evaluate.score of the run's sampling generator (FID, precision/recall, class coverage on the shipped feature
+    network): metrics.json (the latest evaluation, and its step), the eval/* scalars and a line."""
+    import evaluate  # here, not at the top: evaluate.py imports this module
+
+    args = run.args
+    result = evaluate.score(run.sampler, args.eval_n, args.dataset, args.data_root, run.fixed_noise.device)
+    network = evaluate.reference(args.dataset, args.data_root, run.fixed_noise.device)[1]
+    metrics = {"step": run.step, "n": args.eval_n, **result, "classifier_sha256": network["sha256"]}
+    write_atomic(run.dir / "metrics.json", lambda f: f.write(json.dumps(metrics, indent=2).encode()))
+    for name in evaluate.LOGGED:
+        run.writer.add_scalar(f"eval/{name}", result[name], run.step)
+    print(f"eval at step {run.step} ({args.eval_n} samples): " + "  ".join(f"{n} {result[n]:.4g}"
+                                                                          for n in evaluate.LOGGED), flush=True)
+
+
+def finish(run):
+    """The run's end: TensorBoard closed; a run that a signal stopped exits with one line saying how to continue."""
+    if run.writer:
+        run.writer.close()
+    if run.stop:
+        raise UserError(f"stopped by {signal.Signals(run.stop['signal']).name}: the checkpoint of step {run.step} is"
+                        f" saved; continue with --resume {run.dir}", 128 + run.stop["signal"])
+    if run.writer:
+        print(f"done: {run.dir} (step {run.step})")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Checkpoints and atomic writes
+
+
 def write_atomic(path, write):
     """write(f) into path.tmp, fsync, rename over path: a reader never sees half a file, and on a write error (a full
-    disk) the old file stays as it was and the OSError propagates, naming the file."""
+    disk) the old file stays as it was, and the error is one line naming the file."""
     path, tmp = Path(path), Path(f"{path}.tmp")
     try:
         with open(tmp, "wb") as f:
@@ -264,13 +528,21 @@ def write_atomic(path, write):
         tmp.unlink(missing_ok=True)
         error = e.__context__ if isinstance(e, RuntimeError) else e  # torch.save wraps a failed write's OSError
         if isinstance(error, OSError):
-            error.filename = error.filename or str(path)
-            raise error from None
+            raise cannot_write(path, error) from None
         raise
 
 
-def save_checkpoint(state, path):
-    """torch.save(state) atomically; refused, keeping the last good one, if any tensor in it holds a NaN or inf."""
+def save_checkpoint(run):
+    """Everything a resume needs (the parts, the fixed noise, the RNG states, this epoch's sums), and the generator's
+    class and constructor arguments for evaluate.py, written atomically; refused, keeping the last good one, if any
+    tensor in it holds a NaN or inf."""
+    G = run.parts["G"]
+    state = {"format": CHECKPOINT_FORMAT, "script": run.script, "args": vars(run.args), "step": run.step,
+             "G_class": type(G).__name__, "G_args": G.model_args,
+             **{name: part.state_dict() if part is not None else None for name, part in run.parts.items()},
+             "fixed_noise": run.fixed_noise.cpu(), "rng": rng_state(run.fixed_noise.device),
+             "epoch_sums": run.sums, "epoch_counts": run.counts}
+
     def tensors(part, name):
         if isinstance(part, dict):
             for key, value in part.items():
@@ -280,8 +552,8 @@ def save_checkpoint(state, path):
 
     for name, tensor in tensors(state, ""):
         if not torch.isfinite(tensor).all():
-            raise diverged(state["step"], f"{name} is not finite")
-    write_atomic(path, lambda f: torch.save(state, f))
+            raise diverged(run.step, f"{name} is not finite")
+    write_atomic(run.dir / "checkpoint.pt", lambda f: torch.save(state, f))
 
 
 def load_checkpoint(path, script=None):
@@ -307,8 +579,8 @@ def load_checkpoint(path, script=None):
 
 
 def diverged(step, what):
-    return UserError(f"training diverged at step {step}: {what}; the last good checkpoint is kept: lower --lr and"
-                     " start again, or --resume the run", EXIT_DIVERGED)
+    return UserError(f"training diverged at step {step}: {what}; the last good checkpoint is kept: --resume the run"
+                     " with a lower --lr", EXIT_DIVERGED)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -336,7 +608,7 @@ def save_grid(grid, path):
 
 def save_samples(writer, run_dir, images, step, epoch=None):
     """The fixed noise's samples: TensorBoard's `fake` and samples/epoch_NNN.png after an epoch, then progress.gif
-    made again from every epoch's grid; samples/step_NNNNNNN.png where a run stops mid-epoch."""
+    made again from every epoch's grid; samples/step_NNNNNNN.png where a run ends mid-epoch."""
     grid = image_grid(images)
     writer.add_image("fake", grid, step)
     samples = Path(run_dir) / "samples"

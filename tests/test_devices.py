@@ -11,6 +11,7 @@ import evaluate
 import train_vanilla_gan
 import train_wgan
 import train_wgan_gp
+import utils
 from conftest import SMALL_VANILLA, SMALL_WGAN, assert_same_training, load, run_in_process
 from fake_device import FakeDevice
 from models import Critic, Discriminator, Generator, WGANGenerator
@@ -67,10 +68,7 @@ def test_a_step_that_neither_logs_nor_checkpoints_makes_no_host_sync_and_no_cpu_
                 yield batch
             fakes[-1].phase = None
 
-        def set_postfix(self, values):
-            pass
-
-    monkeypatch.setattr(SCRIPTS[algo][0], "tqdm", Batches)
+    monkeypatch.setattr(utils, "tqdm", Batches)
     for name, log_every in (("quiet", 1000), ("logging", 2)):
         fakes.append(FakeDevice("cuda"))
         assert train(fakes[-1], algo, data_root, tmp_path, name, "--epochs", "1", "--log-every", log_every,

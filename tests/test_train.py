@@ -61,7 +61,7 @@ def test_a_run_writes_scalars_grids_gif_checkpoint_and_metrics(tmp_path, data_ro
     with Image.open(run / "samples" / "progress.gif") as gif:
         assert gif.n_frames == 2
     ckpt = load(run)
-    assert ckpt["format"] == 2 and ckpt["script"] == SCRIPTS[algo][0].SCRIPT
+    assert ckpt["format"] == 3 and ckpt["script"] == SCRIPTS[algo][0].SCRIPT
     assert ckpt["step"] == 16 and ckpt["args"]["img_size"] == size and ckpt["G_class"] in ("Generator", "WGANGenerator")
     assert not list(run.glob("*.tmp"))
     metrics = json.loads((run / "metrics.json").read_text())
@@ -155,8 +155,8 @@ def test_a_full_disk_ends_in_one_line_and_keeps_the_last_good_checkpoint(tmp_pat
     monkeypatch.setattr(torch, "save", full_disk)
     code, _, err = run_in_process(train_wgan, ["--resume", tmp_path / "r", "--max-steps", 8])
     assert (code, err) == (4, f"error: cannot write {tmp_path / 'r' / 'checkpoint.pt'} (No space left on device);"
-                              " every file written before is kept: free space or fix the folder, then --resume the"
-                              " run\n")
+                              " every file written before is kept: free space or fix the folder, then run the command"
+                              " again (a training run: --resume it)\n")
     assert (tmp_path / "r" / "checkpoint.pt").read_bytes() == good and not list((tmp_path / "r").glob("*.tmp"))
 
 
@@ -181,7 +181,7 @@ def test_a_preset_sets_defaults_that_typed_flags_override_and_a_resume_keeps(tmp
     assert (code, out) == (0, f"{tmp_path / 'p'} is complete at step 4: to train further, --resume it with more"
                               " --epochs or --max-steps\n")
     assert (tmp_path / "p" / "checkpoint.pt").read_bytes() == before
-    assert set(train_wgan.PRESETS["paper"]) <= set(args) and utils.CHECKPOINT_FORMAT == 2
+    assert set(train_wgan.PRESETS["paper"]) <= set(args) and utils.CHECKPOINT_FORMAT == 3
     code, _, err = train("wgan_gp", data_root, tmp_path, "gp", "--preset", "paper", "--max-steps", 2, "--no-eval")
     gp = load(tmp_path / "gp")
     assert code == 0 and [gp["args"][k] for k in ("beta1", "beta2", "ema_decay", "layer_norm")] == [0, 0.9, 0, False]
