@@ -321,9 +321,9 @@ class Run:
 
 
 def start_run(args, ckpt, script, images, **parts):
-    """A new run (a folder made, a checkpoint at step 0, so that it resumes with its flags from its first step) or the
-    one resumed (every part restored from its checkpoint, and an evaluation it owes made); TensorBoard; SIGINT and
-    SIGTERM caught. parts: the networks, optimizers and weight average by checkpoint name ("G", "G_ema": drawn)."""
+    """A new run (its folder made) or the one resumed (every part restored from its checkpoint); TensorBoard; a
+    checkpoint of the flags in force at once; for a resumed run, the evaluation it owes; SIGINT and SIGTERM caught.
+    parts: the networks, optimizers and weight average by checkpoint name ("G", and "G_ema": what is drawn)."""
     run_dir, lock = make_run_dir(args)
     steps_per_epoch = len(images) // args.batch_size  # the last partial batch is dropped
     run = Run(args, script, run_dir, lock, parts, steps_per_epoch,
@@ -347,7 +347,7 @@ def start_run(args, ckpt, script, images, **parts):
         print(f"resuming {run_dir} at step {run.step}")
     else:
         run.writer.add_image("real", image_grid(to_model_range(images[:args.n_samples])), 0)
-        save_checkpoint(run)
+    save_checkpoint(run)  # the flags in force, from the start: a run resumes with them from its first step
     if evaluation_due(run):  # one that a stopped or failed run owes
         evaluate_run(run)
     run.stop = stop_on_signals()

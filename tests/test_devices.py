@@ -114,7 +114,7 @@ def test_checkpoints_move_between_machines_with_other_gpu_counts_and_the_cpu(tmp
     with one:  # a 2-GPU machine's checkpoint on a 1-GPU machine
         assert run_in_process(SCRIPTS[algo][0], ["--resume", tmp_path / "gpus", "--max-steps", "8",
                                                  "--no-progress"])[0] == 0
-    assert [what for what, _ in one.of("seeding") if "rng_state" in what] == ["set_rng_state", "get_rng_state"]
+    assert [what for what, _ in one.of("seeding") if "rng_state" in what] == ["set_rng_state"] + ["get_rng_state"] * 2
     assert run_in_process(SCRIPTS[algo][0], ["--resume", tmp_path / "gpus-again", "--max-steps", "8", "--device", "cpu",
                                              "--no-progress"])[0] == 0  # ... and on the CPU
     cpu_on_gpu_machine = FakeDevice("cuda", count=2)

@@ -192,3 +192,51 @@ def test_the_penalty_takes_one_eps_and_one_gradient_norm_per_sample():
 
     assert np.isclose(penalty.item(), expected.item(), rtol=1e-5)
     assert np.isclose(grad_norm.item(), grads.norm(dim=1).mean().item(), rtol=1e-5)
+
+
+def test_the_vanilla_loss_gives_the_gradients_of_binary_cross_entropy_where_probabilities_saturate():
+    """sigmoid(20) rounds to 1 and sigmoid(-120) to 0 in float32: there the log's gradient is 0 * inf; the loss's
+    value and its gradient at the logits are F.binary_cross_entropy's (finite), and a NaN still gives a NaN loss."""
+    targets = torch.tensor([[0.0], [1.0], [1.0], [1.0], [0.0]])
+    logits = [torch.tensor([[20.0], [-120.0], [-20.0], [0.3], [-0.7]], requires_grad=True) for _ in range(2)]
+    ours = train_vanilla_gan.bce(torch.sigmoid(logits[0]), targets)
+    reference = torch.nn.functional.binary_cross_entropy(torch.sigmoid(logits[1]), targets)
+    ours.backward()
+    reference.backward()
+    assert torch.equal(ours, reference) and ours > 40  # the log clamped at -100, as there
+    assert torch.isfinite(logits[0].grad).all() and torch.allclose(logits[0].grad, logits[1].grad, atol=1e-7)
+    assert torch.isnan(train_vanilla_gan.bce(torch.tensor([[float("nan")], [0.5]]), targets[:2]))
+
+
+def test_the_steps_that_forward_real_and_fake_together_refuse_a_network_with_batch_statistics():
+    """One forward over a batch of real and fake images is the two forwards of the algorithm only without BatchNorm
+    (and a per-sample penalty needs per-sample scores): a fork that adds it to D or the critic is stopped."""
+    torch.manual_seed(0)
+    with_batch_norm = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 16), torch.nn.BatchNorm1d(16),
+                                          torch.nn.LeakyReLU(0.2), torch.nn.Linear(16, 1))
+    G, W = Generator(8, 784, [16]), WGANGenerator(8, (1, 28, 28), (16, 32))
+    real, z, eps = torch.rand(4, 1, 28, 28) * 2 - 1, torch.randn(4, 8), torch.rand(4)
+    opt = torch.optim.SGD(with_batch_norm.parameters())
+    with pytest.raises(AssertionError, match="BatchNorm"):
+        train_vanilla_gan.train_step(G, torch.nn.Sequential(with_batch_norm, torch.nn.Sigmoid()),
+                                     torch.optim.SGD(G.parameters()), opt, real, z)
+    with pytest.raises(AssertionError, match="BatchNorm"):
+        train_wgan.critic_step(W, with_batch_norm, opt, real, z, 0.01)
+    with pytest.raises(AssertionError, match="BatchNorm"):
+        train_wgan_gp.critic_step(W, with_batch_norm, opt, real, z, eps, 10.0)
+
+
+def test_the_vanilla_step_takes_a_generator_of_images_as_the_readme_says():
+    """A conv generator (N x 1 x 28 x 28 out, tests/test_models.py) in place of the MLP one: the same numbers as the
+    textbook step."""
+    from test_models import ConvGenerator
+
+    G1, G2 = _clone_pair(lambda: ConvGenerator(8))
+    D1, D2 = _clone_pair(lambda: Discriminator(784, [32]))
+    fast_opts = [torch.optim.Adam(m.parameters(), lr=1e-3) for m in (G1, D1)]
+    ref_opts = [torch.optim.Adam(m.parameters(), lr=1e-3) for m in (G2, D2)]
+    real, z = torch.rand(8, 1, 28, 28) * 2 - 1, torch.randn(8, 8)
+    fast = train_vanilla_gan.train_step(G1, D1, *fast_opts, real, z)
+    ref = textbook.vanilla_gan_step(G2, D2, *ref_opts, real, z)
+    for a, b in zip(fast, ref):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)

@@ -1,11 +1,14 @@
-"""Both scripts end to end on tiny data: the files a run writes, exact resume after kill -9 and after SIGTERM, one
-writer per run folder, a NaN, a full disk."""
+"""The scripts end to end on tiny data: the files a run writes, exact resume after kill -9 and after SIGTERM, one
+writer per run folder, a NaN, a full disk, a copied script, a dataset with no shipped feature network."""
+import importlib.util
 import json
 import random
+import shutil
 import time
 
 import pytest
 import torch
+import torchvision
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -14,7 +17,7 @@ import train_vanilla_gan
 import train_wgan
 import train_wgan_gp
 import utils
-from conftest import SMALL_VANILLA, SMALL_WGAN, assert_same_training, load, run_hooked, run_in_process
+from conftest import ROOT, SMALL_VANILLA, SMALL_WGAN, assert_same_training, load, make_dataset, run_hooked, run_in_process
 
 SCRIPTS = {"vanilla": (train_vanilla_gan, SMALL_VANILLA, ["loss/D", "loss/G", "D(x)", "D(G(z))"]),
            "wgan": (train_wgan, SMALL_WGAN, ["loss/critic", "wasserstein_estimate", "loss/G"]),
@@ -107,6 +110,10 @@ def test_a_run_killed_mid_epoch_resumes_bit_identical_to_a_run_never_stopped(tmp
     assert_same_training(a, b)
     steps = [e.step for e in events(run).Scalars(scalars[0])]
     assert steps == list(range(1, 25)), f"TensorBoard steps doubled or missing (killed at {kill_at})"
+    for name in scalars:  # the epoch means of the whole epochs, with the steps before the kill in their sums
+        never_stopped, resumed = (events(r).Scalars(f"epoch_mean/{name}") for r in (tmp_path / "a" / "r", run))
+        assert [(e.step, e.value) for e in resumed] == [(e.step, e.value) for e in never_stopped], (name, kill_at)
+        assert [e.step for e in resumed] == [8, 16, 24]
 
 
 def test_a_second_process_on_a_run_folder_is_refused_while_the_first_trains(tmp_path, data_root):
@@ -190,3 +197,43 @@ def test_a_preset_sets_defaults_that_typed_flags_override_and_a_resume_keeps(tmp
     assert run_in_process(train_wgan_gp, ["--resume", tmp_path / "ln", "--max-steps", 4])[0] == 0  # rebuilt with it
     ln = load(tmp_path / "ln")
     assert ln["step"] == 4 and ln["args"]["layer_norm"] and ln["C"]["net.1.weight"].shape == (32,)
+
+
+def test_a_copied_script_is_a_script_of_its_own(tmp_path, data_root):
+    """A student's train_my_loss.py, copied from train_wgan.py: its runs are named after it and resumed by it only."""
+    shutil.copy(ROOT / "train_wgan.py", tmp_path / "train_my_loss.py")
+    spec = importlib.util.spec_from_file_location("train_my_loss", tmp_path / "train_my_loss.py")
+    copy = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(copy)
+    code, out, err = run_in_process(copy, ["--data-root", data_root, "--runs-dir", tmp_path / "runs", *SMALL_WGAN,
+                                           "--max-steps", 2, "--no-eval"])
+    run, = (tmp_path / "runs").iterdir()
+    assert code == 0 and run.name.startswith("my_loss-fashion-mnist-") and load(run)["script"] == "train_my_loss", err
+    assert run_in_process(train_wgan, ["--resume", run])[2] == f"error: {run / 'checkpoint.pt'} is a checkpoint of" \
+                                                                " train_my_loss.py; resume it with that script\n"
+    assert run_in_process(copy, ["--resume", run, "--max-steps", 4])[0] == 0 and load(run)["step"] == 4
+
+
+def test_a_dataset_without_a_shipped_feature_network_trains_without_evaluation_and_can_make_one(
+        tmp_path, data_root, monkeypatch):
+    """A third torchvision dataset, added to utils.DATASETS: it trains, says in one line how to evaluate on it, and
+    tools/train_classifier.py makes its feature network."""
+    import train_classifier
+
+    make_dataset(data_root, "KMNIST", seed=2)
+    monkeypatch.setitem(utils.DATASETS, "kmnist", torchvision.datasets.KMNIST)
+    code, _, err = train("vanilla", data_root, tmp_path, "k", "--dataset", "kmnist", "--max-steps", 2)
+    assert (code, err) == (0, "warning: no feature network ships for kmnist: make one with python"
+                              " tools/train_classifier.py --dataset kmnist --out classifiers/kmnist.pt, and add the"
+                              " SHA-256 it prints to evaluate.SHIPPED_SHA256; this run trains without evaluation\n")
+    assert load(tmp_path / "k")["args"]["eval"] is False and not (tmp_path / "k" / "metrics.json").exists()
+    code, out, err = run_in_process(train_classifier, ["--dataset", "kmnist", "--data-root", data_root, "--epochs", 1,
+                                                       "--no-progress", "--out", tmp_path / "kmnist.pt"])
+    assert code == 0 and out.splitlines()[1].startswith("no kmnist feature network ships to compare it with"), err
+    assert torch.load(tmp_path / "kmnist.pt", weights_only=True)["dataset"] == "kmnist"
+
+
+def test_an_oserror_that_is_not_a_full_disk_is_a_bug_that_shows_its_traceback(tmp_path, data_root, monkeypatch):
+    monkeypatch.setattr(train_vanilla_gan, "train_step", lambda *args: open(tmp_path / "a fork's missing file"))
+    with pytest.raises(FileNotFoundError):  # not "cannot write ...: free space"
+        train("vanilla", data_root, tmp_path, "r", "--no-eval")

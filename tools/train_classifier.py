@@ -70,6 +70,10 @@ def main(argv=None):
     utils.write_atomic(args.out, lambda f: f.write(buffer.getvalue()))
     print(f"wrote {args.out}: {args.dataset}, {args.epochs} epochs in {time.time() - started:.0f}s, test accuracy"
           f" {accuracy:.4f}, SHA-256 {hashlib.sha256(buffer.getvalue()).hexdigest()}")
+    if args.dataset not in evaluate.SHIPPED_SHA256:
+        print(f"no {args.dataset} feature network ships to compare it with: to evaluate on this one, put it in"
+              f" classifiers/{args.dataset}.pt and add its SHA-256 to evaluate.SHIPPED_SHA256")
+        return
     shipped = evaluate.load_classifier(args.dataset, torch.device("cpu"))[0].state_dict()
     same = all(torch.equal(value, shipped[key]) for key, value in state["state_dict"].items())
     print(f"its weights are {'the same as' if same else 'not the same as'} those of the shipped"

@@ -1,0 +1,120 @@
+"""What --resume promises: typed flags override the run's and take effect (or are refused in one line), no run is
+ever stuck (a failed or lost evaluation is made, a run that died before its first checkpoint continues or starts
+again), and a folder is one run's."""
+import json
+
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+import evaluate
+import train_vanilla_gan
+import train_wgan_gp
+import utils
+from conftest import SMALL_VANILLA, load, run_hooked, run_in_process
+
+
+def train(data_root, runs, name, *flags):
+    return run_in_process(train_vanilla_gan, ["--data-root", data_root, "--runs-dir", runs, "--run-name", name,
+                                              *SMALL_VANILLA, *flags])
+
+
+def resume(run, *flags):
+    return run_in_process(train_vanilla_gan, ["--resume", run, *flags])
+
+
+def scalars(run_dir, tag):
+    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    return [(e.step, e.value) for e in acc.Scalars(tag)] if tag in acc.Tags()["scalars"] else []
+
+
+def test_flags_typed_with_resume_take_effect_and_are_the_ones_recorded(tmp_path, data_root):
+    assert train(data_root, tmp_path, "r", "--max-steps", 4, "--no-eval")[0] == 0
+    run = tmp_path / "r"
+    code, _, err = resume(run, "--max-steps", 6, "--lr", 5e-4, "--beta1", 0.3, "--beta2", 0.99, "--d-dropout", 0.1)
+    ckpt = load(run)
+    assert code == 0 and ckpt["step"] == 6, err
+    for opt in ("opt_G", "opt_D"):  # written into the restored optimizers, not only into the recorded flags
+        assert [(g["lr"], tuple(g["betas"])) for g in ckpt[opt]["param_groups"]] == [(5e-4, (0.3, 0.99))]
+    assert [ckpt["args"][k] for k in ("lr", "beta1", "beta2", "d_dropout", "eval")] == [5e-4, 0.3, 0.99, 0.1, False]
+    code, out, _ = resume(run, "--eval")  # a --no-eval run, complete: --eval makes its evaluation
+    assert code == 0 and "eval at step 6 (64 samples)" in out and json.loads((run / "metrics.json").read_text())["step"] == 6
+    assert load(run)["args"]["eval"] is True
+    code, _, _ = resume(run, "--max-steps", 0, "--epochs", 2)  # --max-steps 0: no limit; the epochs' end, 16
+    assert code == 0 and load(run)["step"] == 16 and load(run)["args"]["max_steps"] == 0
+    before = (run / "checkpoint.pt").read_bytes()
+    for flag, value, was in (("--n-samples", 8, 32), ("--batch-size", 8, 16), ("--seed", 2, 1)):
+        code, _, err = resume(run, "--epochs", 3, flag, value)
+        assert (code, err) == (2, f"error: {flag} {value}: {run} was trained with {was}, which a resumed run keeps;"
+                                  " start a new run for another\n")
+    assert (run / "checkpoint.pt").read_bytes() == before
+
+
+def test_a_preset_typed_with_resume_sits_above_the_runs_flags_and_below_the_typed_ones(tmp_path):
+    parser, script = train_wgan_gp.make_parser(), "train_wgan_gp"
+    run = tmp_path / "r"
+    run.mkdir()
+    saved = {**vars(parser.parse_args([])), "lr": 2e-3, "beta1": 0.7, "gp_weight": 5.0, "run_name": "r"}
+    torch.save({"format": utils.CHECKPOINT_FORMAT, "script": script, "step": 1, "args": saved}, run / "checkpoint.pt")
+    args, ckpt = utils.parse_flags(parser, train_wgan_gp.PRESETS, script, ["--resume", str(run)])
+    assert (args.lr, args.beta1, args.gp_weight, args.preset) == (2e-3, 0.7, 5.0, "default") and ckpt["step"] == 1
+    args, _ = utils.parse_flags(parser, train_wgan_gp.PRESETS, script,
+                                ["--resume", str(run), "--preset", "paper", "--lr", "3e-4"])
+    assert (args.lr, args.beta1, args.gp_weight, args.ema_decay, args.preset) == (3e-4, 0.0, 10.0, 0.0, "paper")
+
+
+def test_a_failed_final_evaluation_and_a_lost_scheduled_one_are_made_on_resume(tmp_path, data_root, monkeypatch):
+    def out_of_memory(*args):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(evaluate, "score", out_of_memory)
+        code, _, err = train(data_root, tmp_path, "r", "--epochs", 1)
+    run = tmp_path / "r"
+    assert code == 1 and "out of memory" in err and load(run)["step"] == 8 and not (run / "metrics.json").exists()
+    code, out, err = resume(run)
+    assert code == 0 and "eval at step 8 (64 samples)" in out, err
+    assert json.loads((run / "metrics.json").read_text())["step"] == 8 and [s for s, _ in scalars(run, "eval/fid")] == [8]
+    assert resume(run)[1] == f"{run} is complete at step 8: to train further, --resume it with more --epochs or" \
+                             " --max-steps\n"
+    # SIGTERM in the last step of epoch 1, whose evaluation is due: the checkpoint is saved, the evaluation is owed
+    stopped = run_hooked("train_vanilla_gan", 8, "SIGTERM", "--data-root", data_root, "--runs-dir", tmp_path,
+                         "--run-name", "s", *SMALL_VANILLA, "--epochs", 2, "--eval-every", 1)
+    assert stopped.returncode == 143 and load(tmp_path / "s")["step"] == 8, stopped.stderr
+    code, out, err = resume(tmp_path / "s")
+    assert code == 0 and out.index("eval at step 8") < out.index("epoch 2/2"), err
+    assert [s for s, _ in scalars(tmp_path / "s", "eval/fid")] == [8, 16]
+
+
+def test_a_run_that_died_before_its_first_checkpoint_resumes_from_its_start_and_a_bare_folder_starts(
+        tmp_path, data_root, monkeypatch):
+    real_step, count = train_vanilla_gan.train_step, [0]
+
+    def step(G, D, *args):  # D turns NaN at step 3: the run dies before its first periodic checkpoint (5)
+        count[0] += 1
+        if count[0] == 3:
+            with torch.no_grad():
+                next(D.parameters()).fill_(float("nan"))
+        return real_step(G, D, *args)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(train_vanilla_gan, "train_step", step)
+        code, _, err = train(data_root, tmp_path, "r", "--max-steps", 6, "--log-every", 1, "--checkpoint-every", 5,
+                             "--lr", 1e-3, "--no-eval")
+    assert code == 3 and "training diverged at step 3" in err
+    code, out, err = resume(tmp_path / "r", "--lr", 2e-4)  # its flags, from step 0, with the lower --lr typed
+    ckpt = load(tmp_path / "r")
+    assert code == 0 and "at step 0" in out and ckpt["step"] == 6 and ckpt["args"]["max_steps"] == 6, err
+    assert ckpt["args"]["lr"] == 2e-4 and [s for s, _ in scalars(tmp_path / "r", "loss/D")] == list(range(1, 7))
+    # A folder with no checkpoint at all (the run was killed before it wrote one): started by its name or by --resume
+    for name, how in (("named", []), ("resumed", ["--resume", tmp_path / "resumed"])):
+        (tmp_path / name).mkdir()
+        with torch.utils.tensorboard.SummaryWriter(tmp_path / name) as writer:  # the dead run's point
+            writer.add_scalar("loss/D", 99.0, 1)
+        dead = next((tmp_path / name).glob("events.*"))
+        dead.rename(tmp_path / name / "events.out.tfevents.1700000000.dead")  # written before, as it would be
+        code, out, err = train(data_root, tmp_path, name, "--max-steps", 2, "--log-every", 1, "--no-eval", *how)
+        points = scalars(tmp_path / name, "loss/D")
+        assert code == 0 and load(tmp_path / name)["step"] == 2 and [s for s, _ in points] == [1, 2], err
+        assert 99.0 not in [v for _, v in points]
+    assert "resumed has no checkpoint yet: starting it from the beginning" in out
