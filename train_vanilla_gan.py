@@ -104,11 +104,10 @@ def main(argv=None):
                 ema.update(G)
             run.step += 1
             values = {"loss/D": loss_D, "loss/G": loss_G, "D(x)": d_real, "D(G(z))": d_fake}
-            utils.add_to_epoch_means(run, values)
             if run.step % args.log_every == 0:  # the only host sync of a step
                 for name, value in utils.finite(run.step, values).items():
                     run.writer.add_scalar(name, value, run.step)
-            if utils.end_step(run):  # a checkpoint every --checkpoint-every steps; True after Ctrl-C or SIGTERM
+            if utils.end_step(run, values):  # to the epoch means; a checkpoint when due; True after Ctrl-C or SIGTERM
                 break
         utils.end_epoch(run)  # its means, the grid, a checkpoint, an evaluation when one is due
     utils.finish(run)

@@ -113,11 +113,10 @@ def main(argv=None):
                 if ema:
                     ema.update(G)
             latest.update(values)
-            utils.add_to_epoch_means(run, values)
             if run.step % args.log_every == 0:  # the only host sync of a step
                 for name, value in utils.finite(run.step, latest).items():
                     run.writer.add_scalar(name, value, run.step)
-            if utils.end_step(run):  # a checkpoint every --checkpoint-every steps; True after Ctrl-C or SIGTERM
+            if utils.end_step(run, values):  # to the epoch means; a checkpoint when due; True after Ctrl-C or SIGTERM
                 break
         utils.end_epoch(run)  # its means, the grid, a checkpoint, an evaluation when one is due
     utils.finish(run)

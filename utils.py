@@ -6,7 +6,7 @@
     pick_device, seed_everything, rng_state, set_rng_state
     load_images, resize, load_data       MNIST / FashionMNIST through torchvision, as uint8 images
     start_run                            a new or resumed run: its folder (locked), states, TensorBoard, step counters
-    epoch_batches, add_to_epoch_means, end_step, end_epoch, finish
+    epoch_batches, end_step, end_epoch, finish
                                          what a script's loop calls around its own steps and scalars
     save_checkpoint, load_checkpoint     atomic writes, never a NaN over the last good checkpoint, format 3
     finite, save_samples                 scalars as floats (a NaN or inf stops the run), sample grids, the gif
@@ -95,11 +95,7 @@ def run_main(main, argv=None):
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """--help: the description as written (its commands on their own lines) and each flag's default, but not a
-    switch's (--eval/--no-eval's default would read as a contradiction)."""
-
-    def _get_help_string(self, action):
-        return action.help if action.nargs == 0 else super()._get_help_string(action)
+    """--help: the description as written (its commands on their own lines), and each flag's default."""
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -159,24 +155,19 @@ def add_run_flags(parser, presets, n_samples, ema_decay):
         help="stop after this many steps in all (the WGANs: critic steps; 0 = no limit)")
     add("--n-samples", type=positive_int, default=n_samples, help="images in the fixed-noise grid")
     add("--eval", action=argparse.BooleanOptionalAction, default=True,
-        help="evaluate at the end, and every --eval-every epochs: metrics.json and eval/* (default: on)")
+        help="evaluate at the end, and every --eval-every epochs: metrics.json and eval/*")
     add("--eval-every", type=non_negative_int, default=0, help="epochs between evaluations (0 = at the end only)")
     add("--eval-n", type=eval_n, default=10000, help="generated images per evaluation")
     add("--progress", action=argparse.BooleanOptionalAction, default=True,
         help="a progress bar (--no-progress: one line per epoch)")
 
 
-def typed_flags(parser, argv):
-    """{dest: value} of the flags typed on the command line, without the defaults."""
-    unset = object()
-    typed = parser.parse_args(argv, argparse.Namespace(**dict.fromkeys(vars(parser.parse_args([])), unset)))
-    return {name: value for name, value in vars(typed).items() if value is not unset}
-
-
 def parse_flags(parser, presets, script, argv):
     """The run's flags: typed > a typed --preset > (with --resume) the checkpoint's > the defaults. Returns (args, the
     checkpoint to resume or None). A --resume folder without a checkpoint yet is a new run in that folder."""
-    typed, ckpt = typed_flags(parser, argv), None
+    defaults, unset = vars(parser.parse_args([])), object()
+    typed = vars(parser.parse_args(argv, argparse.Namespace(**dict.fromkeys(defaults, unset))))  # unset: not typed
+    typed, ckpt = {name: value for name, value in typed.items() if value is not unset}, None
     if "resume" in typed:
         path = Path(typed["resume"])
         if path.is_dir() and not (path / "checkpoint.pt").exists():
@@ -185,7 +176,6 @@ def parse_flags(parser, presets, script, argv):
             ckpt = load_checkpoint(path, script)
         run_dir = path if path.is_dir() else path.parent
         typed.update(runs_dir=str(run_dir.parent), run_name=run_dir.name)
-    defaults = vars(parser.parse_args([]))
     args = {**defaults, **(ckpt["args"] if ckpt else {}), **presets[typed.get("preset", "default")], **typed}
     for name in KEPT_ON_RESUME if ckpt else ():
         if args[name] != ckpt["args"][name]:
@@ -425,16 +415,13 @@ def epoch_batches(run, images):
         yield to_model_range(images[perm[batch * size:(batch + 1) * size]])
 
 
-def add_to_epoch_means(run, values):
-    """Add a step's values (tensors: no host sync) to this epoch's sums; each is averaged over the steps that gave it."""
+def end_step(run, values):
+    """After a step: its values (tensors: no host sync) into this epoch's sums, each averaged over the steps that gave
+    it; inside an epoch, a checkpoint every --checkpoint-every steps, and one where Ctrl-C or SIGTERM stops the run
+    (end_epoch saves the others). Returns True when the run is to stop."""
     for name, value in values.items():
         run.sums[name] = run.sums.get(name, 0) + value
         run.counts[name] = run.counts.get(name, 0) + 1
-
-
-def end_step(run):
-    """After a step: inside an epoch, a checkpoint every --checkpoint-every steps, and one where Ctrl-C or SIGTERM
-    stops the run (end_epoch saves the others). Returns True when the run is to stop."""
     every = run.args.checkpoint_every
     if run.step % run.steps_per_epoch and run.step < run.last_step and (run.stop or every and run.step % every == 0):
         save_checkpoint(run)
@@ -472,15 +459,12 @@ def evaluation_due(run):
     args, epoch = run.args, run.step // run.steps_per_epoch
     scheduled = run.step == run.last_step or (args.eval_every and run.step % run.steps_per_epoch == 0
                                               and epoch % args.eval_every == 0)
-    return bool(args.eval and run.step > 0 and scheduled and not run.stop and metrics_step(run) != run.step)
-
-
-def metrics_step(run):
-    """The step of the evaluation in metrics.json, or None."""
+    if not (args.eval and run.step > 0 and scheduled and not run.stop):
+        return False
     try:
-        return json.loads((run.dir / "metrics.json").read_text())["step"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+        return json.loads((run.dir / "metrics.json").read_text())["step"] != run.step
+    except (OSError, ValueError, KeyError, TypeError):  # none yet, or not ours
+        return True
 
 
 def evaluate_run(run):
