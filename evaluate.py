@@ -179,6 +179,34 @@ def score(G, n, dataset, data_root, device, seed=0):
     return metrics(*predict(model, sample(G, n, device, seed), device), test_feats)
 
 
+def before_training(args, device):
+    """What a run's evaluation needs (the feature network, the test split's features), loaded now rather than failing
+    after the training. A dataset with no shipped feature network trains without evaluation (args.eval set off, so
+    the run records it), saying so in one line."""
+    if args.eval and args.dataset not in SHIPPED_SHA256:
+        print(f"warning: {no_feature_network(args.dataset)}; this run trains without evaluation", file=sys.stderr)
+        args.eval = False
+    if args.eval:
+        reference(args.dataset, args.data_root, device)
+
+
+def if_due(run):
+    """A training run's evaluation, when one is due at its step (utils.evaluation_due: the final one, one every
+    --eval-every epochs, or one a stopped or failed run owes): metrics.json (this evaluation and its step, first), the
+    eval/* scalars and a line."""
+    if not utils.evaluation_due(run):
+        return
+    args, device = run.args, run.fixed_noise.device
+    result = score(run.sampler, args.eval_n, args.dataset, args.data_root, device)
+    metrics = {"step": run.step, "n": args.eval_n, **result,
+               "classifier_sha256": reference(args.dataset, args.data_root, device)[1]["sha256"]}
+    utils.write_atomic(run.dir / "metrics.json", lambda f: f.write(json.dumps(metrics, indent=2).encode()))
+    for name in LOGGED:
+        run.writer.add_scalar(f"eval/{name}", result[name], run.step)
+    print(f"eval at step {run.step} ({args.eval_n} samples): " + "  ".join(f"{n} {result[n]:.4g}" for n in LOGGED),
+          flush=True)
+
+
 def generator_from_checkpoint(ckpt, device, raw=False):
     """The generator a checkpoint describes, rebuilt from its class name and constructor arguments: its weight
     average when it holds one (unless raw), else the trained weights. Returns (G, "ema" or "raw")."""

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+import evaluate
 import utils
 from models import EMA, Discriminator, Generator, batch_statistics
 
@@ -79,11 +80,13 @@ def train_step(G, D, opt_G, opt_D, real, z):
 
 
 def main(argv=None):
-    # Flags (typed > --preset > a resumed run's > the defaults), the device, the seed, the data on the device.
+    # Flags (typed > --preset > a resumed run's > the defaults), the device, the seed, the data on the device, and
+    # what the evaluation needs (checked now rather than after the training).
     args, ckpt = utils.parse_flags(make_parser(), PRESETS, SCRIPT, argv)
     device = utils.pick_device(args.device)
     utils.seed_everything(args.seed)
     images = utils.load_data(args, device)
+    evaluate.before_training(args, device)
 
     # Networks, optimizers, the generator's weight average; then the run: new, or resumed with all of them restored.
     img_dim = args.img_size ** 2
@@ -93,6 +96,7 @@ def main(argv=None):
     opt_D = torch.optim.Adam(D.parameters(), lr=args.lr, betas=(args.beta1, args.beta2), **utils.fused(device))
     ema = EMA(G, args.ema_decay) if args.ema_decay else None
     run = utils.start_run(args, ckpt, SCRIPT, images, G=G, D=D, opt_G=opt_G, opt_D=opt_D, G_ema=ema)
+    evaluate.if_due(run)  # one that a stopped or failed run owes
 
     while run.step < run.last_step and not run.stop:
         for real in utils.epoch_batches(run, images):
@@ -109,7 +113,8 @@ def main(argv=None):
                     run.writer.add_scalar(name, value, run.step)
             if utils.end_step(run, values):  # to the epoch means; a checkpoint when due; True after Ctrl-C or SIGTERM
                 break
-        utils.end_epoch(run)  # its means, the grid, a checkpoint, an evaluation when one is due
+        utils.end_epoch(run)  # its means, the grid, a checkpoint
+        evaluate.if_due(run)  # every --eval-every epochs, and at the end
     utils.finish(run)
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+import evaluate
 import utils
 from models import EMA, Critic, WGANGenerator, batch_statistics
 
@@ -72,11 +73,13 @@ def generator_step(G, C, opt_G, z):
 
 
 def main(argv=None):
-    # Flags (typed > --preset > a resumed run's > the defaults), the device, the seed, the data on the device.
+    # Flags (typed > --preset > a resumed run's > the defaults), the device, the seed, the data on the device, and
+    # what the evaluation needs (checked now rather than after the training).
     args, ckpt = utils.parse_flags(make_parser(), PRESETS, SCRIPT, argv)
     device = utils.pick_device(args.device)
     utils.seed_everything(args.seed)
     images = utils.load_data(args, device)
+    evaluate.before_training(args, device)
 
     # Networks, optimizers, the generator's weight average; then the run: new, or resumed with all of them restored.
     img_shape = tuple(images.shape[1:])
@@ -86,6 +89,7 @@ def main(argv=None):
     opt_C = torch.optim.RMSprop(C.parameters(), lr=args.lr, foreach=True)
     ema = EMA(G, args.ema_decay) if args.ema_decay else None
     run = utils.start_run(args, ckpt, SCRIPT, images, G=G, C=C, opt_G=opt_G, opt_C=opt_C, G_ema=ema)
+    evaluate.if_due(run)  # one that a stopped or failed run owes
 
     critic_warned = False
     latest = {}  # the latest value of each scalar (the generator's loss is from the last generator step)
@@ -107,12 +111,13 @@ def main(argv=None):
                     run.writer.add_scalar(name, value, run.step)
             if utils.end_step(run, values):  # to the epoch means; a checkpoint when due; True after Ctrl-C or SIGTERM
                 break
-        means = utils.end_epoch(run)  # its means, the grid, a checkpoint, an evaluation when one is due
+        means = utils.end_epoch(run)  # its means, the grid, a checkpoint
         if means.get("wasserstein_estimate", 1) <= 0 and not critic_warned:  # said once: it tends to stay near 0
             critic_warned = True
             print(f"warning: the Wasserstein estimate is {means['wasserstein_estimate']:.2e} at step {run.step}: the"
                   " critic no longer tells real from fake and samples tend to get worse; stop (Ctrl-C keeps the"
                   " checkpoint) or train fewer --epochs", file=sys.stderr)
+        evaluate.if_due(run)  # every --eval-every epochs, and at the end
     utils.finish(run)
 
 

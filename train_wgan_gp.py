@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+import evaluate
 import utils
 from models import EMA, Critic, WGANGenerator, batch_statistics
 
@@ -82,11 +83,13 @@ def generator_step(G, C, opt_G, z):
 
 
 def main(argv=None):
-    # Flags (typed > --preset > a resumed run's > the defaults), the device, the seed, the data on the device.
+    # Flags (typed > --preset > a resumed run's > the defaults), the device, the seed, the data on the device, and
+    # what the evaluation needs (checked now rather than after the training).
     args, ckpt = utils.parse_flags(make_parser(), PRESETS, SCRIPT, argv)
     device = utils.pick_device(args.device)
     utils.seed_everything(args.seed)
     images = utils.load_data(args, device)
+    evaluate.before_training(args, device)
 
     # Networks, optimizers, the generator's weight average; then the run: new, or resumed with all of them restored.
     img_shape = tuple(images.shape[1:])
@@ -96,6 +99,7 @@ def main(argv=None):
     opt_C = torch.optim.Adam(C.parameters(), lr=args.lr, betas=(args.beta1, args.beta2), **utils.fused(device))
     ema = EMA(G, args.ema_decay) if args.ema_decay else None
     run = utils.start_run(args, ckpt, SCRIPT, images, G=G, C=C, opt_G=opt_G, opt_C=opt_C, G_ema=ema)
+    evaluate.if_due(run)  # one that a stopped or failed run owes
 
     latest = {}  # the latest value of each scalar (the generator's loss is from the last generator step)
     while run.step < run.last_step and not run.stop:
@@ -118,7 +122,8 @@ def main(argv=None):
                     run.writer.add_scalar(name, value, run.step)
             if utils.end_step(run, values):  # to the epoch means; a checkpoint when due; True after Ctrl-C or SIGTERM
                 break
-        utils.end_epoch(run)  # its means, the grid, a checkpoint, an evaluation when one is due
+        utils.end_epoch(run)  # its means, the grid, a checkpoint
+        evaluate.if_due(run)  # every --eval-every epochs, and at the end
     utils.finish(run)
 
 

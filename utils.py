@@ -6,7 +6,7 @@
     pick_device, seed_everything, rng_state, set_rng_state
     load_images, resize, load_data       MNIST / FashionMNIST through torchvision, as uint8 images
     start_run                            a new or resumed run: its folder (locked), states, TensorBoard, step counters
-    epoch_batches, end_step, end_epoch, finish
+    epoch_batches, end_step, end_epoch, evaluation_due, finish
                                          what a script's loop calls around its own steps and scalars
     save_checkpoint, load_checkpoint     atomic writes, never a NaN over the last good checkpoint, format 3
     finite, save_samples                 scalars as floats (a NaN or inf stops the run), sample grids, the gif
@@ -269,19 +269,10 @@ def as_images(images):
 
 def load_data(args, device):
     """The training split as uint8 N x 1 x S x S, resident on the device (a batch is an index), with --batch-size
-    checked against it; what the evaluation needs is loaded now rather than after the training. A dataset with no
-    shipped feature network trains without evaluation (args.eval set off), saying so in one line."""
-    import evaluate  # here, not at the top: evaluate.py imports this module
-
+    checked against it."""
     images = resize(load_images(args.dataset, args.data_root)[0], args.img_size)[:, None].to(device)
     if len(images) < args.batch_size:
         raise UserError(f"argument --batch-size: must be at most {len(images)}, the training images (see --help)")
-    if args.eval and args.dataset not in evaluate.SHIPPED_SHA256:
-        print(f"warning: {evaluate.no_feature_network(args.dataset)}; this run trains without evaluation",
-              file=sys.stderr)
-        args.eval = False
-    if args.eval:
-        evaluate.reference(args.dataset, args.data_root, device)
     return images
 
 
@@ -312,7 +303,7 @@ class Run:
 
 def start_run(args, ckpt, script, images, **parts):
     """A new run (its folder made) or the one resumed (every part restored from its checkpoint); TensorBoard; a
-    checkpoint of the flags in force at once; for a resumed run, the evaluation it owes; SIGINT and SIGTERM caught.
+    checkpoint of the flags in force at once; SIGINT and SIGTERM caught.
     parts: the networks, optimizers and weight average by checkpoint name ("G", and "G_ema": what is drawn)."""
     run_dir, lock = make_run_dir(args)
     steps_per_epoch = len(images) // args.batch_size  # the last partial batch is dropped
@@ -338,8 +329,6 @@ def start_run(args, ckpt, script, images, **parts):
     else:
         run.writer.add_image("real", image_grid(to_model_range(images[:args.n_samples])), 0)
     save_checkpoint(run)  # the flags in force, from the start: a run resumes with them from its first step
-    if evaluation_due(run):  # one that a stopped or failed run owes
-        evaluate_run(run)
     run.stop = stop_on_signals()
     return run
 
@@ -429,10 +418,9 @@ def end_step(run, values):
 
 
 def end_epoch(run):
-    """After the batch loop. At an epoch's end: its means (epoch_mean/* and a line), the fixed noise's grid, a
-    checkpoint, and an evaluation when one is due; where --max-steps ends a run inside an epoch: the grid
-    (samples/step_NNNNNNN.png), a checkpoint and the final evaluation; after a stop inside an epoch: nothing (end_step
-    saved it). Returns the epoch's means ({} when it is not whole)."""
+    """After the batch loop. At an epoch's end: its means (epoch_mean/* and a line), the fixed noise's grid and a
+    checkpoint; where --max-steps ends a run inside an epoch: the grid (samples/step_NNNNNNN.png) and a checkpoint;
+    after a stop inside an epoch: nothing (end_step saved it). Returns the epoch's means ({} when it is not whole)."""
     step, whole, means = run.step, run.step % run.steps_per_epoch == 0, {}
     if not whole and step < run.last_step:
         return means
@@ -448,8 +436,6 @@ def end_epoch(run):
         run.parts["G_ema"].calibrate()  # BatchNorm statistics of the averaged weights (saving does it too)
     save_samples(run.writer, run.dir, as_images(generate(run.sampler, run.fixed_noise)), step, epoch if whole else None)
     save_checkpoint(run)
-    if evaluation_due(run):
-        evaluate_run(run)
     return means
 
 
@@ -465,22 +451,6 @@ def evaluation_due(run):
         return json.loads((run.dir / "metrics.json").read_text())["step"] != run.step
     except (OSError, ValueError, KeyError, TypeError):  # none yet, or not ours
         return True
-
-
-def evaluate_run(run):
-    """evaluate.score of the run's sampling generator (FID, precision/recall, class coverage on the shipped feature
-    network): metrics.json (the latest evaluation, and its step), the eval/* scalars and a line."""
-    import evaluate  # here, not at the top: evaluate.py imports this module
-
-    args = run.args
-    result = evaluate.score(run.sampler, args.eval_n, args.dataset, args.data_root, run.fixed_noise.device)
-    network = evaluate.reference(args.dataset, args.data_root, run.fixed_noise.device)[1]
-    metrics = {"step": run.step, "n": args.eval_n, **result, "classifier_sha256": network["sha256"]}
-    write_atomic(run.dir / "metrics.json", lambda f: f.write(json.dumps(metrics, indent=2).encode()))
-    for name in evaluate.LOGGED:
-        run.writer.add_scalar(f"eval/{name}", result[name], run.step)
-    print(f"eval at step {run.step} ({args.eval_n} samples): " + "  ".join(f"{n} {result[n]:.4g}"
-                                                                          for n in evaluate.LOGGED), flush=True)
 
 
 def finish(run):

@@ -91,7 +91,7 @@ def test_a_failure_users_meet_is_one_line_and_changes_nothing(world, case):
 
 def test_running_out_of_memory_is_one_line_naming_what_to_lower(tmp_path, data_root, monkeypatch):
     def out_of_memory(*args):
-        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 64.00 GiB")
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 64.00 GiB")
 
     monkeypatch.setattr(train_vanilla_gan, "train_step", out_of_memory)
     code, _, err = run_in_process(train_vanilla_gan, ["--data-root", data_root, "--runs-dir", tmp_path, *SMALL_VANILLA])

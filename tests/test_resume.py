@@ -65,7 +65,7 @@ def test_a_preset_typed_with_resume_sits_above_the_runs_flags_and_below_the_type
 
 def test_a_failed_final_evaluation_and_a_lost_scheduled_one_are_made_on_resume(tmp_path, data_root, monkeypatch):
     def out_of_memory(*args):
-        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB")
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB")
 
     with monkeypatch.context() as patch:
         patch.setattr(evaluate, "score", out_of_memory)
