@@ -7,7 +7,7 @@ and the same ruler on every machine.
     python evaluate.py runs/<run> --grid grid.png --export samples.npz --interpolate lines.png
 
 N generated images (default 10,000) against the 10,000-image test split. The output names the feature network by its
-SHA-256: two numbers compare when it is the same. The training scripts call score() during and after training.
+SHA-256: two numbers compare when it is the same. The training scripts call before_training() and if_due().
 """
 import functools
 import hashlib
@@ -194,7 +194,7 @@ def if_due(run):
     """A training run's evaluation, when one is due at its step (utils.evaluation_due: the final one, one every
     --eval-every epochs, or one a stopped or failed run owes): metrics.json (this evaluation and its step, first), the
     eval/* scalars and a line."""
-    if not utils.evaluation_due(run):
+    if run.stop or not utils.evaluation_due(run):  # Ctrl-C or SIGTERM: a resume makes it
         return
     args, device = run.args, run.fixed_noise.device
     result = score(run.sampler, args.eval_n, args.dataset, args.data_root, device)

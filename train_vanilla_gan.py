@@ -96,6 +96,8 @@ def main(argv=None):
     opt_D = torch.optim.Adam(D.parameters(), lr=args.lr, betas=(args.beta1, args.beta2), **utils.fused(device))
     ema = EMA(G, args.ema_decay) if args.ema_decay else None
     run = utils.start_run(args, ckpt, SCRIPT, images, G=G, D=D, opt_G=opt_G, opt_D=opt_D, G_ema=ema)
+    if run is None:  # a resumed run with nothing left to do
+        return
     evaluate.if_due(run)  # one that a stopped or failed run owes
 
     while run.step < run.last_step and not run.stop:

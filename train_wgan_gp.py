@@ -99,9 +99,10 @@ def main(argv=None):
     opt_C = torch.optim.Adam(C.parameters(), lr=args.lr, betas=(args.beta1, args.beta2), **utils.fused(device))
     ema = EMA(G, args.ema_decay) if args.ema_decay else None
     run = utils.start_run(args, ckpt, SCRIPT, images, G=G, C=C, opt_G=opt_G, opt_C=opt_C, G_ema=ema)
+    if run is None:  # a resumed run with nothing left to do
+        return
     evaluate.if_due(run)  # one that a stopped or failed run owes
 
-    latest = {}  # the latest value of each scalar (the generator's loss is from the last generator step)
     while run.step < run.last_step and not run.stop:
         for real in utils.epoch_batches(run, images):
             run.step += 1
@@ -116,9 +117,8 @@ def main(argv=None):
                 values["loss/G"] = generator_step(G, C, opt_G, torch.randn(args.batch_size, args.z_dim, device=device))
                 if ema:
                     ema.update(G)
-            latest.update(values)
             if run.step % args.log_every == 0:  # the only host sync of a step
-                for name, value in utils.finite(run.step, latest).items():
+                for name, value in utils.finite(run.step, values).items():
                     run.writer.add_scalar(name, value, run.step)
             if utils.end_step(run, values):  # to the epoch means; a checkpoint when due; True after Ctrl-C or SIGTERM
                 break

@@ -62,8 +62,8 @@ def reason(error):
 
 def cannot_write(path, error):
     return UserError(f"cannot write {path} ({error.strerror or reason(error)}); every file written before is kept:"
-                     " free space or fix the folder, then run the command again (a training run: --resume it)",
-                     EXIT_WRITE)
+                     " free space or fix the folder, then run the command again (a training run that saved a"
+                     " checkpoint: with --resume)", EXIT_WRITE)
 
 
 def run_main(main, argv=None):
@@ -73,8 +73,8 @@ def run_main(main, argv=None):
     try:
         try:
             main(argv)
-        except OSError as e:  # a full disk under TensorBoard's writer (write_atomic names its own files)
-            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+        except OSError as e:  # TensorBoard's writer on a full or read-only disk (write_atomic names its own files)
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
                 raise  # any other OSError is a bug to show, a failed read among them
             raise cannot_write(e.filename or "TensorBoard's event file", e) from None
     except UserError as e:
@@ -139,7 +139,8 @@ def add_run_flags(parser, presets, n_samples, ema_decay):
     add("--img-size", type=positive_int, default=28, help="train on images resized to this side")
     add("--ema-decay", type=fraction, default=ema_decay,
         help="decay of the generator's weight average, which draws the grids and is evaluated (0 = off); after t"
-        " generator steps the average uses min(this, t / (t + 25)): 0.999 is reached after 24,975 steps")
+        f" generator steps the average uses min(this, t / (t + 25)): {ema_decay} from step"
+        f" {round(25 * ema_decay / (1 - ema_decay)):,} on")
     add("--seed", type=seed, default=1, help="seeds every random number: weights, data order, noise")
     add("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto", help="auto = cuda, else mps, else cpu")
     add("--runs-dir", default="runs", help="where run folders are made")
@@ -171,16 +172,21 @@ def parse_flags(parser, presets, script, argv):
     if "resume" in typed:
         path = Path(typed["resume"])
         if path.is_dir() and not (path / "checkpoint.pt").exists():
-            print(f"{path} has no checkpoint yet: starting it from the beginning")
+            print(f"{path} has no checkpoint yet: starting it from the beginning, with the flags typed now")
         else:
             ckpt = load_checkpoint(path, script)
         run_dir = path if path.is_dir() else path.parent
+        run_dir = run_dir if run_dir.name else run_dir.absolute()  # "--resume ." names the folder it stands in
+        if Path(typed.get("runs_dir", run_dir.parent)) / typed.get("run_name", run_dir.name) != run_dir:
+            raise UserError(f"--runs-dir and --run-name name another folder than --resume {path}; drop them")
         typed.update(runs_dir=str(run_dir.parent), run_name=run_dir.name)
     args = {**defaults, **(ckpt["args"] if ckpt else {}), **presets[typed.get("preset", "default")], **typed}
     for name in KEPT_ON_RESUME if ckpt else ():
         if args[name] != ckpt["args"][name]:
-            raise UserError(f"--{name.replace('_', '-')} {args[name]}: {typed['resume']} was trained with"
-                            f" {ckpt['args'][name]}, which a resumed run keeps; start a new run for another")
+            flag = f"--{name.replace('_', '-')} {args[name]}"
+            flag = flag if name in typed else f"--preset {typed['preset']} sets {flag}"
+            raise UserError(f"{flag}: {typed['resume']} was trained with {ckpt['args'][name]}, which a resumed run"
+                            " keeps; start a new run for another")
     args["run_name"] = args["run_name"] or f"{script.removeprefix('train_')}-{args['dataset']}-" \
                                            f"{time.strftime('%Y%m%d-%H%M%S')}"
     return argparse.Namespace(**args), ckpt
@@ -296,14 +302,14 @@ class Run:
     counts: dict = field(default_factory=dict)  # ... and how many steps logged it
     order: torch.Generator = None  # the batch order (batch_order)
     sampler: torch.nn.Module = None  # what draws the grids and is evaluated: the weight average if there is one, else G
-    writer: SummaryWriter = None  # None when a resumed run had nothing left to do
+    writer: SummaryWriter = None
     stop: dict = field(default_factory=dict)  # {"signal": n} once Ctrl-C or SIGTERM asks the run to stop
     epoch_started: float = 0.0
 
 
 def start_run(args, ckpt, script, images, **parts):
     """A new run (its folder made) or the one resumed (every part restored from its checkpoint); TensorBoard; a
-    checkpoint of the flags in force at once; SIGINT and SIGTERM caught.
+    checkpoint of the flags in force at once; SIGINT and SIGTERM caught. None when a resumed run has nothing to do.
     parts: the networks, optimizers and weight average by checkpoint name ("G", and "G_ema": what is drawn)."""
     run_dir, lock = make_run_dir(args)
     steps_per_epoch = len(images) // args.batch_size  # the last partial batch is dropped
@@ -317,11 +323,13 @@ def start_run(args, ckpt, script, images, **parts):
         run.sums = {name: value.to(images.device) for name, value in ckpt["epoch_sums"].items()}
         run.counts = ckpt["epoch_counts"]
         set_rng_state(ckpt["rng"], images.device)
+        if parts.get("G_ema") and ckpt["G_ema"] is None:  # --ema-decay typed on a run without one: it starts at G
+            parts["G_ema"].model.load_state_dict(parts["G"].state_dict())
     run.order = batch_order(args.seed, len(images), run.step // steps_per_epoch)
     if run.step >= run.last_step and not evaluation_due(run):  # nothing to do: nothing is written
         print(f"{run_dir} is complete at step {run.step}: to train further, --resume it with more --epochs or"
               " --max-steps")
-        return run
+        return None
     run.writer = SummaryWriter(run_dir, purge_step=run.step + 1 if ckpt else 0)  # purge: no point logged twice
     run.writer.add_text("config", f"```\n{json.dumps(vars(args), indent=2)}\n```", run.step)
     if ckpt:
@@ -340,8 +348,11 @@ def make_run_dir(args):
     run_dir = Path(args.runs_dir) / args.run_name
     if not args.resume and (run_dir / "checkpoint.pt").exists():
         raise UserError(f"{run_dir} exists; continue it with --resume {run_dir}, or choose another --run-name")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    lock = open(run_dir / ".lock", "w")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        lock = open(run_dir / ".lock", "w")
+    except OSError as e:
+        raise cannot_write(run_dir, e) from None
     if fcntl:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -360,18 +371,20 @@ def batch_order(seed, n, epochs_done):
 
 
 def load_states(ckpt, run_dir, **parts):
-    """Each part (a network, an optimizer, the weight average; None: absent in this run) from its checkpoint entry.
-    An optimizer keeps the hyperparameters it was built with, the flags in force (a typed --lr takes effect), and
-    takes its state (moments, step counts) from the checkpoint. Refused in one line when a part does not fit (a flag
-    typed with --resume changed a network)."""
+    """Each part (a network, an optimizer, the weight average; None: absent in this run or in the checkpoint) from
+    its checkpoint entry. An optimizer takes its state (moments, step counts) from the checkpoint and keeps the
+    hyperparameters it was built with, the flags in force (a typed --lr takes effect), its fused or foreach kernels
+    too (they decide where its step counts live: a CPU run resumed on a Mac). Refused in one line when a part does not
+    fit (a flag typed with --resume changed a network)."""
     try:
         for name, part in parts.items():
-            if part is None:
+            state = ckpt[name]
+            if part is None or state is None:
                 continue
-            built = [{k: v for k, v in group.items() if k != "params"} for group in getattr(part, "param_groups", [])]
-            part.load_state_dict(ckpt[name])
-            for group, hyperparameters in zip(getattr(part, "param_groups", []), built):
-                group.update(hyperparameters)
+            if isinstance(part, torch.optim.Optimizer):
+                state = {**state, "param_groups": [{**saved, **{k: v for k, v in built.items() if k != "params"}}
+                                                   for saved, built in zip(state["param_groups"], part.param_groups)]}
+            part.load_state_dict(state)
     except (RuntimeError, ValueError, KeyError, TypeError) as e:
         raise UserError(f"{run_dir}: its checkpoint does not fit these flags ({reason(e)}); resume without the flags"
                         " that change the networks") from None
@@ -440,12 +453,12 @@ def end_epoch(run):
 
 
 def evaluation_due(run):
-    """An evaluation at this step: the final one, or one every --eval-every epochs; none while a signal stops the run,
-    nor when metrics.json holds this step's already (a resumed run makes the one a stopped or failed run owes)."""
+    """An evaluation at this step: the final one, or one every --eval-every epochs, unless metrics.json holds this
+    step's already (so a resumed run makes the one that a stopped or failed run owes)."""
     args, epoch = run.args, run.step // run.steps_per_epoch
-    scheduled = run.step == run.last_step or (args.eval_every and run.step % run.steps_per_epoch == 0
+    scheduled = run.step >= run.last_step or (args.eval_every and run.step % run.steps_per_epoch == 0
                                               and epoch % args.eval_every == 0)
-    if not (args.eval and run.step > 0 and scheduled and not run.stop):
+    if not (args.eval and run.step > 0 and scheduled):
         return False
     try:
         return json.loads((run.dir / "metrics.json").read_text())["step"] != run.step
@@ -454,14 +467,13 @@ def evaluation_due(run):
 
 
 def finish(run):
-    """The run's end: TensorBoard closed; a run that a signal stopped exits with one line saying how to continue."""
-    if run.writer:
-        run.writer.close()
-    if run.stop:
+    """The run's end: TensorBoard closed; a run that a signal stopped before its end (or its final evaluation) exits
+    with one line saying how to continue."""
+    run.writer.close()
+    if run.stop and (run.step < run.last_step or evaluation_due(run)):
         raise UserError(f"stopped by {signal.Signals(run.stop['signal']).name}: the checkpoint of step {run.step} is"
                         f" saved; continue with --resume {run.dir}", 128 + run.stop["signal"])
-    if run.writer:
-        print(f"done: {run.dir} (step {run.step})")
+    print(f"done: {run.dir} (step {run.step})")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -469,10 +481,12 @@ def finish(run):
 
 
 def write_atomic(path, write):
-    """write(f) into path.tmp, fsync, rename over path: a reader never sees half a file, and on a write error (a full
-    disk) the old file stays as it was, and the error is one line naming the file."""
+    """write(f) into path.tmp (its folder made if missing), fsync, rename over path: a reader never sees half a file,
+    and on a write error (a full disk, a read-only folder) the old file stays as it was, and the error is one line
+    naming the file."""
     path, tmp = Path(path), Path(f"{path}.tmp")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as f:
             write(f)
             f.flush()
@@ -556,7 +570,6 @@ def image_grid(images, nrow=8):
 
 
 def save_grid(grid, path):
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
     write_atomic(path, lambda f: vutils.save_image(grid, f, format="png"))
 
 

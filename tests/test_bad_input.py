@@ -61,6 +61,8 @@ CASES = {  # name: (command, its flags ({t}: the test's folder), exit code, what
     "no MPS device": (evaluate, "{t}/runs/train_wgan --device mps", 2, "--device mps: no MPS device is available"),
     "a run folder that exists": (train_vanilla_gan, "--run-name train_vanilla_gan", 2,
                                  "{t}/runs/train_vanilla_gan exists; continue it with --resume"),
+    "a runs folder that cannot be made": (train_vanilla_gan, "--runs-dir {t}/runs/noise/checkpoint.pt", 4,
+                                           "cannot write {t}/runs/noise/checkpoint.pt/vanilla_gan-mnist-"),
     "no checkpoint there": (train_wgan, "--resume {t}/runs/none", 2, "{t}/runs/none: no such checkpoint"),
     "another script's checkpoint": (train_wgan, "--resume {t}/runs/train_vanilla_gan", 2,
                                     "is a checkpoint of train_vanilla_gan.py; resume it with that script"),

@@ -138,3 +138,25 @@ def test_a_whole_run_and_evaluate_py_on_a_mac(tmp_path, data_root, algo):
     with FakeDevice("mps"):
         code, out, _ = run_in_process(evaluate, [tmp_path / "m", "--n", "64", "--json", "--device", "mps"])
     assert code == 0 and json.loads(out.strip().splitlines()[-1])["metrics"]["fid"] > 0
+
+
+def test_a_cpu_runs_fused_adam_resumed_on_a_mac_keeps_its_step_counts_on_the_cpu():
+    """A CPU checkpoint's fused Adam loaded into the foreach Adam of a Mac run: the step counts stay on the CPU, where
+    foreach Adam keeps them (on the device, every step would read each back to the host), the moments go to the
+    device, and a step makes no host sync."""
+    cpu = torch.nn.Linear(3, 1)
+    saved = torch.optim.Adam(cpu.parameters(), fused=True)
+    cpu(torch.randn(2, 3)).sum().backward()
+    saved.step()
+    with FakeDevice("mps") as fake:
+        device = torch.device("mps")
+        mac = torch.nn.Linear(3, 1).to(device)
+        resumed = torch.optim.Adam(mac.parameters(), **utils.fused(device))
+        utils.load_states({"opt": saved.state_dict()}, "run", opt=resumed)
+        for state in resumed.state.values():
+            assert not fake.on_device(state["step"]) and fake.on_device(state["exp_avg"])
+        mac(torch.randn(2, 3, device=device)).sum().backward()
+        fake.phase = "step"
+        resumed.step()
+        fake.phase = None
+        assert fake.of("sync", "step") == [] and resumed.param_groups[0]["foreach"]

@@ -2,7 +2,9 @@
 ever stuck (a failed or lost evaluation is made, a run that died before its first checkpoint continues or starts
 again), and a folder is one run's."""
 import json
+import signal
 
+import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -47,7 +49,25 @@ def test_flags_typed_with_resume_take_effect_and_are_the_ones_recorded(tmp_path,
         code, _, err = resume(run, "--epochs", 3, flag, value)
         assert (code, err) == (2, f"error: {flag} {value}: {run} was trained with {was}, which a resumed run keeps;"
                                   " start a new run for another\n")
+    code, _, err = resume(run, "--epochs", 3, "--preset", "source")  # its batch size is 32
+    assert (code, err) == (2, f"error: --preset source sets --batch-size 32: {run} was trained with 16, which a"
+                              " resumed run keeps; start a new run for another\n")
+    code, _, err = resume(run, "--epochs", 3, "--run-name", "other")
+    assert (code, err) == (2, f"error: --runs-dir and --run-name name another folder than --resume {run}; drop them\n")
     assert (run / "checkpoint.pt").read_bytes() == before
+
+
+def test_a_weight_average_typed_with_resume_starts_at_the_generator_and_resume_dot_is_the_folder_here(
+        tmp_path, data_root, monkeypatch):
+    assert train(data_root, tmp_path, "r", "--max-steps", 4, "--ema-decay", 0, "--no-eval")[0] == 0
+    assert load(tmp_path / "r")["G_ema"] is None
+    monkeypatch.chdir(tmp_path / "r")
+    assert resume(".", "--max-steps", 6, "--ema-decay", 0.5)[0] == 0
+    ckpt = load(tmp_path / "r")
+    assert ckpt["step"] == 6 and ckpt["G_ema"]["updates"] == 2
+    assert [p.name for p in (tmp_path / "r").iterdir() if p.is_dir()] == ["samples"]  # no run folder made in it
+    for key, value in ckpt["G_ema"]["model"].items():  # between G at step 4 (the start) and G at step 6
+        assert not torch.equal(value, ckpt["G"][key]) or not value.is_floating_point(), key
 
 
 def test_a_preset_typed_with_resume_sits_above_the_runs_flags_and_below_the_typed_ones(tmp_path):
@@ -84,6 +104,25 @@ def test_a_failed_final_evaluation_and_a_lost_scheduled_one_are_made_on_resume(t
     code, out, err = resume(tmp_path / "s")
     assert code == 0 and out.index("eval at step 8") < out.index("epoch 2/2"), err
     assert [s for s, _ in scalars(tmp_path / "s", "eval/fid")] == [8, 16]
+    # SIGTERM during the final evaluation: the evaluation ends and is saved, the run is done
+    real_score, handlers = evaluate.score, [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)]
+
+    def stopped_while_scoring(*args):
+        signal.raise_signal(signal.SIGTERM)
+        return real_score(*args)
+
+    try:
+        with monkeypatch.context() as patch:
+            patch.setattr(evaluate, "score", stopped_while_scoring)
+            code, out, err = train(data_root, tmp_path, "t", "--epochs", 1)
+    finally:
+        signal.signal(signal.SIGINT, handlers[0]), signal.signal(signal.SIGTERM, handlers[1])
+    assert (code, err) == (0, "") and "done: " in out and json.loads((tmp_path / "t" / "metrics.json").read_text())[
+        "step"] == 8
+    # A run stopped at step 12 and resumed with fewer --epochs (1: 8 steps) is complete: its final evaluation is made
+    assert train(data_root, tmp_path, "e", "--epochs", 2, "--max-steps", 12, "--no-eval")[0] == 0
+    code, out, _ = resume(tmp_path / "e", "--epochs", 1, "--max-steps", 0, "--eval")
+    assert code == 0 and "eval at step 12 (64 samples)" in out
 
 
 def test_a_run_that_died_before_its_first_checkpoint_resumes_from_its_start_and_a_bare_folder_starts(
@@ -107,14 +146,16 @@ def test_a_run_that_died_before_its_first_checkpoint_resumes_from_its_start_and_
     assert code == 0 and "at step 0" in out and ckpt["step"] == 6 and ckpt["args"]["max_steps"] == 6, err
     assert ckpt["args"]["lr"] == 2e-4 and [s for s, _ in scalars(tmp_path / "r", "loss/D")] == list(range(1, 7))
     # A folder with no checkpoint at all (the run was killed before it wrote one): started by its name or by --resume
-    for name, how in (("named", []), ("resumed", ["--resume", tmp_path / "resumed"])):
+    for name, resumed in (("named", False), ("resumed", True)):
         (tmp_path / name).mkdir()
         with torch.utils.tensorboard.SummaryWriter(tmp_path / name) as writer:  # the dead run's point
             writer.add_scalar("loss/D", 99.0, 1)
         dead = next((tmp_path / name).glob("events.*"))
         dead.rename(tmp_path / name / "events.out.tfevents.1700000000.dead")  # written before, as it would be
-        code, out, err = train(data_root, tmp_path, name, "--max-steps", 2, "--log-every", 1, "--no-eval", *how)
+        flags = ["--max-steps", 2, "--log-every", 1, "--no-eval"]
+        code, out, err = resume(tmp_path / name, "--data-root", data_root, *SMALL_VANILLA, *flags) if resumed else \
+            train(data_root, tmp_path, name, *flags)
         points = scalars(tmp_path / name, "loss/D")
         assert code == 0 and load(tmp_path / name)["step"] == 2 and [s for s, _ in points] == [1, 2], err
         assert 99.0 not in [v for _, v in points]
-    assert "resumed has no checkpoint yet: starting it from the beginning" in out
+    assert "resumed has no checkpoint yet: starting it from the beginning, with the flags typed now" in out
