@@ -37,7 +37,9 @@ def test_bench_times_both_loops_and_reports_their_ratio(tmp_path):
     assert result["data"] == "random uint8 images" and result["matmul_gflops"] > 0
     for algo in ("vanilla", "wgan", "wgan_gp"):
         r = result[algo]
-        assert r["steps_per_s"] > 0 and abs(r["ratio"] - r["steps_per_s"] / r["ref_steps_per_s"]) < 0.01
+        ours, ref = r["steps_per_s"], r["ref_steps_per_s"]  # each rounded to 0.1, the ratio of the unrounded to 0.01
+        rounding = 0.005 + ours / ref * (0.05 / ours + 0.05 / ref) * 1.01
+        assert ours > 0 and abs(r["ratio"] - ours / ref) <= rounding
 
 
 def test_plot_draws_a_run_and_sets_its_wasserstein_estimate_against_fid(tmp_path, data_root, capsys):
