@@ -203,7 +203,9 @@ def test_the_vanilla_loss_gives_the_gradients_of_binary_cross_entropy_where_prob
     reference = torch.nn.functional.binary_cross_entropy(torch.sigmoid(logits[1]), targets)
     ours.backward()
     reference.backward()
-    assert torch.equal(ours, reference) and ours > 40  # the log clamped at -100, as there
+    # the log clamped at -100, as there; two kernels (torch.log and the BCE kernel's own log and mean), so within a few
+    # float32 roundings rather than bit for bit (they were equal on the machine that wrote this test)
+    assert torch.allclose(ours, reference, rtol=1e-6, atol=0) and ours > 40
     assert torch.isfinite(logits[0].grad).all() and torch.allclose(logits[0].grad, logits[1].grad, atol=1e-7)
     assert torch.isnan(train_vanilla_gan.bce(torch.tensor([[float("nan")], [0.5]]), targets[:2]))
 
