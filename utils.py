@@ -8,7 +8,7 @@
     start_run                            a new or resumed run: its folder (locked), states, TensorBoard, step counters
     epoch_batches, end_step, end_epoch, evaluation_due, finish
                                          what a script's loop calls around its own steps and scalars
-    save_checkpoint, load_checkpoint     atomic writes, never a NaN over the last good checkpoint, format 3
+    save_checkpoint, load_checkpoint     atomic writes, never a NaN over the last good checkpoint, format 4
     finite, save_samples                 scalars as floats (a NaN or inf stops the run), sample grids, the gif
 """
 import argparse
@@ -39,7 +39,7 @@ try:
 except ImportError:  # Windows: run folders are not locked there
     fcntl = None
 
-CHECKPOINT_FORMAT = 3  # raised whenever what a checkpoint holds changes; another format is refused in one line
+CHECKPOINT_FORMAT = 4  # raised whenever what a checkpoint holds changes; another format is refused in one line
 EXIT_DATA, EXIT_USAGE, EXIT_DIVERGED, EXIT_WRITE = 1, 2, 3, 4  # data or memory; flags or files; NaN; a full disk
 # What a resumed run keeps from its checkpoint: its data, batch order and fixed-noise grid are made of these (a
 # network's shape is kept too: its weights would not fit).
@@ -304,7 +304,9 @@ class Run:
     sampler: torch.nn.Module = None  # what draws the grids and is evaluated: the weight average if there is one, else G
     writer: SummaryWriter = None
     stop: dict = field(default_factory=dict)  # {"signal": n} once Ctrl-C or SIGTERM asks the run to stop
-    epoch_started: float = 0.0
+    epoch_started: float = 0.0  # time.perf_counter() at this epoch's first batch (or this resume's): the epoch line's
+    train_seconds: float = 0.0  # the train loop's seconds over the whole run and its resumes; no evaluation counts
+    clock: float = 0.0  # time.perf_counter() when train_seconds was last brought up to date
 
 
 def start_run(args, ckpt, script, images, **parts):
@@ -321,7 +323,7 @@ def start_run(args, ckpt, script, images, **parts):
         load_states(ckpt, run_dir, **parts)
         run.step, run.fixed_noise = ckpt["step"], ckpt["fixed_noise"].to(images.device)
         run.sums = {name: value.to(images.device) for name, value in ckpt["epoch_sums"].items()}
-        run.counts = ckpt["epoch_counts"]
+        run.counts, run.train_seconds = ckpt["epoch_counts"], ckpt["train_seconds"]
         set_rng_state(ckpt["rng"], images.device)
         if parts.get("G_ema") and ckpt["G_ema"] is None:  # --ema-decay typed on a run without one: it starts at G
             parts["G_ema"].model.load_state_dict(parts["G"].state_dict())
@@ -411,7 +413,7 @@ def epoch_batches(run, images):
     perm = torch.randperm(len(images), generator=run.order).to(images.device)
     first, size = run.step % run.steps_per_epoch, run.args.batch_size
     end = min(run.steps_per_epoch, first + run.last_step - run.step)
-    run.epoch_started = time.time()
+    run.epoch_started = run.clock = time.perf_counter()
     for batch in tqdm(range(first, end), initial=first, total=run.steps_per_epoch, leave=False,
                       desc=f"epoch {run.step // run.steps_per_epoch + 1}", disable=not run.args.progress):
         yield to_model_range(images[perm[batch * size:(batch + 1) * size]])
@@ -426,6 +428,7 @@ def end_step(run, values):
         run.counts[name] = run.counts.get(name, 0) + 1
     every = run.args.checkpoint_every
     if run.step % run.steps_per_epoch and run.step < run.last_step and (run.stop or every and run.step % every == 0):
+        count_train_time(run)
         save_checkpoint(run)
     return bool(run.stop)
 
@@ -438,18 +441,27 @@ def end_epoch(run):
     if not whole and step < run.last_step:
         return means
     epoch = step // run.steps_per_epoch
-    if whole:
+    if whole:  # the host sync: the epoch's last kernels have run when its time is read
         means = finite(step, {name: value / run.counts[name] for name, value in run.sums.items()})
+    count_train_time(run)
+    run.writer.add_scalar("train_seconds", run.train_seconds, step)
+    if whole:
         for name, value in means.items():
             run.writer.add_scalar(f"epoch_mean/{name}", value, step)
         print(f"epoch {epoch}/{run.args.epochs}  step {step}  " + "  ".join(f"{k} {v:.4f}" for k, v in means.items())
-              + f"  ({time.time() - run.epoch_started:.1f}s)", flush=True)
+              + f"  ({run.clock - run.epoch_started:.1f}s)", flush=True)
         run.sums, run.counts = {}, {}
     if run.parts.get("G_ema"):
         run.parts["G_ema"].calibrate()  # BatchNorm statistics of the averaged weights (saving does it too)
     save_samples(run.writer, run.dir, as_images(generate(run.sampler, run.fixed_noise)), step, epoch if whole else None)
     save_checkpoint(run)
     return means
+
+
+def count_train_time(run):
+    """The seconds since the clock was last read, added to the run's train_seconds (kept in the checkpoint)."""
+    now = time.perf_counter()
+    run.train_seconds, run.clock = run.train_seconds + now - run.clock, now
 
 
 def evaluation_due(run):
@@ -509,7 +521,7 @@ def save_checkpoint(run):
              "G_class": type(G).__name__, "G_args": G.model_args,
              **{name: part.state_dict() if part is not None else None for name, part in run.parts.items()},
              "fixed_noise": run.fixed_noise.cpu(), "rng": rng_state(run.fixed_noise.device),
-             "epoch_sums": run.sums, "epoch_counts": run.counts}
+             "epoch_sums": run.sums, "epoch_counts": run.counts, "train_seconds": run.train_seconds}
 
     def tensors(part, name):
         if isinstance(part, dict):

@@ -69,7 +69,7 @@ CASES = {  # name: (command, its flags ({t}: the test's folder), exit code, what
     "a resume with flags that change a network": (train_wgan, "--resume {t}/runs/train_wgan --g-widths 8", 2,
                                                    "its checkpoint does not fit these flags (RuntimeError: Error"),
     "a checkpoint of format 1": (evaluate, "{t}/runs/format1", 2,
-                                 "is a checkpoint of format 1, but these scripts read format 3"),
+                                 "is a checkpoint of format 1, but these scripts read format 4"),
     "a checkpoint that would run code": (train_wgan, "--resume {t}/runs/unsafe", 2,
                                          "is not a checkpoint these scripts can read safely (UnpicklingError"),
     "a file that is not a checkpoint": (evaluate, "{t}/runs/noise", 2, "is not a checkpoint these scripts can read"),

@@ -159,3 +159,18 @@ def test_a_run_that_died_before_its_first_checkpoint_resumes_from_its_start_and_
         assert code == 0 and load(tmp_path / name)["step"] == 2 and [s for s, _ in points] == [1, 2], err
         assert 99.0 not in [v for _, v in points]
     assert "resumed has no checkpoint yet: starting it from the beginning, with the flags typed now" in out
+
+
+def test_train_seconds_count_the_train_loop_over_resumes_and_no_evaluation(tmp_path, data_root, monkeypatch):
+    clock = [1000.0]  # a fake clock: each training step takes 1 s, each evaluation 100 s
+    monkeypatch.setattr(utils.time, "perf_counter", lambda: clock[0])
+    step, score = train_vanilla_gan.train_step, evaluate.score
+    monkeypatch.setattr(train_vanilla_gan, "train_step", lambda *a: clock.__setitem__(0, clock[0] + 1) or step(*a))
+    monkeypatch.setattr(evaluate, "score", lambda *a: clock.__setitem__(0, clock[0] + 100) or score(*a))
+    assert train(data_root, tmp_path, "r", "--epochs", 2, "--max-steps", 12, "--eval-every", 1)[0] == 0
+    run = tmp_path / "r"
+    assert load(run)["train_seconds"] == 12
+    clock[0] += 5000  # the time between the runs counts neither
+    code, out, err = resume(run, "--max-steps", 0)
+    assert code == 0 and "epoch 2/2  step 16" in out and "(4.0s)" in out, err
+    assert scalars(run, "train_seconds") == [(8, 8), (12, 12), (16, 16)] and load(run)["train_seconds"] == 16

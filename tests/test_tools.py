@@ -49,3 +49,21 @@ def test_plot_draws_a_run_and_sets_its_wasserstein_estimate_against_fid(tmp_path
     out = capsys.readouterr().out
     assert f"wrote {tmp_path / 'w' / 'curves.png'}" in out and "Spearman rho(wasserstein_estimate, eval/fid) = " in out
     assert (tmp_path / "w" / "curves.png").stat().st_size > 1000
+
+
+def test_plot_compares_runs_against_seconds_and_says_when_fid_first_fell_below_each_threshold(tmp_path, capsys):
+    from torch.utils.tensorboard import SummaryWriter
+
+    for name, fids in (("a", [120, 60, 40, 25, 18]), ("b", [90, 70, 55, 45, 44])):
+        with SummaryWriter(tmp_path / name) as writer:
+            for epoch, fid in enumerate(fids, 1):  # 10 steps an epoch; a 12 s epoch, then 10 s each
+                writer.add_scalar("epoch_mean/loss/D", 0.5, 10 * epoch)
+                writer.add_scalar("train_seconds", 2 + 10 * epoch, 10 * epoch)
+                writer.add_scalar("eval/fid", fid, 10 * epoch)
+    plot.run_main([str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "f.png"), "--x", "seconds"])
+    out = capsys.readouterr().out
+    assert "a: eval/fid 18 at 52 s (best), 18 at 52 s (last); first below 100, 50, 30, 20: 22 s, 32 s, 42 s, 52 s" in out
+    assert "b: eval/fid 44 at 52 s (best), 44 at 52 s (last); first below 100, 50, 30, 20: 12 s, 42 s, -, -" in out
+    assert (tmp_path / "f.png").stat().st_size > 1000
+    plot.run_main([str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "f.png")])
+    assert "first below 100, 50, 30, 20: epoch 2, epoch 3, epoch 4, epoch 5" in capsys.readouterr().out

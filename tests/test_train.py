@@ -45,8 +45,9 @@ def test_a_run_writes_scalars_grids_gif_checkpoint_and_metrics(tmp_path, data_ro
     run = tmp_path / "r"
     acc = events(run)
     scalars = SCRIPTS[algo][2]
-    assert set(scalars) | {f"epoch_mean/{s}" for s in scalars} | {f"eval/{m}" for m in evaluate.LOGGED} == \
-        set(acc.Tags()["scalars"])
+    assert set(scalars) | {f"epoch_mean/{s}" for s in scalars} | {f"eval/{m}" for m in evaluate.LOGGED} | \
+        {"train_seconds"} == set(acc.Tags()["scalars"])
+    assert [e.step for e in acc.Scalars("train_seconds")] == [8, 16] and 0 < acc.Scalars("train_seconds")[0].value
     critic_steps = [e.step for e in acc.Scalars(scalars[0])]
     assert critic_steps == list(range(1, 17))
     for name in scalars:  # an epoch mean is the mean of its steps' values (the WGAN's loss/G: of its G steps)
@@ -64,7 +65,7 @@ def test_a_run_writes_scalars_grids_gif_checkpoint_and_metrics(tmp_path, data_ro
     with Image.open(run / "samples" / "progress.gif") as gif:
         assert gif.n_frames == 2
     ckpt = load(run)
-    assert ckpt["format"] == 3 and ckpt["script"] == SCRIPTS[algo][0].SCRIPT
+    assert ckpt["format"] == 4 and ckpt["script"] == SCRIPTS[algo][0].SCRIPT
     assert ckpt["step"] == 16 and ckpt["args"]["img_size"] == size and ckpt["G_class"] in ("Generator", "WGANGenerator")
     assert not list(run.glob("*.tmp"))
     metrics = json.loads((run / "metrics.json").read_text())
@@ -113,7 +114,7 @@ def test_a_run_killed_mid_epoch_resumes_bit_identical_to_a_run_never_stopped(tmp
     assert steps == list(range(1, 25)), f"TensorBoard steps doubled or missing (killed at {kill_at})"
     never_stopped, resumed = events(tmp_path / "a" / "r"), events(run)
     assert set(resumed.Tags()["scalars"]) == set(never_stopped.Tags()["scalars"])
-    for tag in never_stopped.Tags()["scalars"]:  # every point; each epoch mean with the steps before the kill in it
+    for tag in set(never_stopped.Tags()["scalars"]) - {"train_seconds"}:  # every point, the epoch means whole
         points = [[(e.step, e.value) for e in acc.Scalars(tag)] for acc in (never_stopped, resumed)]
         assert points[1] == points[0], (tag, kill_at)
     assert [e.step for e in resumed.Scalars(f"epoch_mean/{scalars[0]}")] == [8, 16, 24]
@@ -191,7 +192,7 @@ def test_a_preset_sets_defaults_that_typed_flags_override_and_a_resume_keeps(tmp
     assert (code, out) == (0, f"{tmp_path / 'p'} is complete at step 4: to train further, --resume it with more"
                               " --epochs or --max-steps\n")
     assert (tmp_path / "p" / "checkpoint.pt").read_bytes() == before
-    assert set(train_wgan.PRESETS["paper"]) <= set(args) and utils.CHECKPOINT_FORMAT == 3
+    assert set(train_wgan.PRESETS["paper"]) <= set(args) and utils.CHECKPOINT_FORMAT == 4
     code, _, err = train("wgan_gp", data_root, tmp_path, "gp", "--preset", "paper", "--max-steps", 2, "--no-eval")
     gp = load(tmp_path / "gp")
     assert code == 0 and [gp["args"][k] for k in ("beta1", "beta2", "ema_decay", "layer_norm")] == [0, 0.9, 0, False]

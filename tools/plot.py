@@ -3,12 +3,14 @@
     python tools/plot.py runs/<run>                      # writes runs/<run>/curves.png, prints Spearman's rho
     python tools/plot.py runs/<run> --out curves.png
     python tools/plot.py runs/<a> runs/<b> --out fid.png # several runs: eval/fid (and eval/recall) against epochs
+    python tools/plot.py runs/<a> runs/<b> --out fid.png --x seconds  # ... against the train loop's seconds
 
 The WGAN paper's practical claim (its Figures 3 and 4): the critic's Wasserstein estimate falls as the samples get
 better, while the vanilla GAN's discriminator loss says nothing about their quality. Spearman's rank correlation
 between the per-epoch Wasserstein estimate (vanilla: loss/D) and eval/fid tests that claim on your own run; train with
 --eval-every 1 for one FID point per epoch. Works on a run that is still being written. Given several runs, it draws
-their evaluations against epochs, one line each, and prints each run's best and last FID: where a run stops paying.
+their evaluations against epochs (or the train loop's seconds, evaluations not counted), one line each, and prints
+each run's best and last FID (where a run stops paying) and when its FID first fell below 100, 50, 30 and 20.
 """
 import argparse
 import os
@@ -66,6 +68,8 @@ def make_parser():
                         help="a run folder (runs/<run>) or its checkpoint.pt; several: compare their evaluations")
     parser.add_argument("--out", type=Path, default=None,
                         help="the PNG to write (one run: <run>/curves.png; several: required)")
+    parser.add_argument("--x", choices=["epoch", "seconds"], default="epoch",
+                        help="several runs: their evaluations against epochs or the train loop's seconds")
     return parser
 
 
@@ -79,7 +83,7 @@ def main(argv=None):
     if not str(out).strip() or out.is_dir() or (out.parent.exists() and not out.parent.is_dir()):
         raise PlotError(f"--out {args.out or out}: not a file path; give the PNG to write, e.g. curves.png")
     if len(runs) > 1:
-        return compare(runs, out)
+        return compare(runs, out, args.x)
     run = runs[0]
     scalars = read_scalars(run)
     algo = ("wgan_gp" if "epoch_mean/gradient_penalty" in scalars else "wgan"
@@ -125,9 +129,13 @@ def main(argv=None):
     print(f"Spearman rho({loss}, eval/fid) = {rho_text} over {len(pairs)} epochs")
 
 
-def compare(runs, out):
-    """eval/fid (and eval/recall, where logged) of several runs against epochs, one line per run; each run's best and
-    last FID printed."""
+THRESHOLDS = (100, 50, 30, 20)  # the README's time-to-FID table
+
+
+def compare(runs, out, x="epoch"):
+    """eval/fid (and eval/recall, where logged) of several runs against epochs or the train loop's seconds (the
+    train_seconds scalar at the evaluation's step), one line per run; each run's best and last FID printed, and where
+    it first fell below each of THRESHOLDS."""
     series = {}
     names = [run.name for run in runs]
     for run in runs:
@@ -137,10 +145,14 @@ def compare(runs, out):
         gaps = [b - a for a, b in zip([0] + ends, ends)]
         per_epoch = max(set(gaps), key=lambda gap: (gaps.count(gap), gap)) if gaps else None
         label = run.name if names.count(run.name) == 1 else str(run)
-        series[label] = {name: [(step / per_epoch, value) for step, value in scalars.get(f"eval/{name}", [])]
-                         for name in ("fid", "recall")}
-        if not per_epoch or not series[label]["fid"]:
+        if not per_epoch or not scalars.get("eval/fid"):
             raise PlotError(f"{run}: no eval/fid points to compare; train with --eval-every K (or let the run end)")
+        seconds = dict(scalars.get("train_seconds", []))
+        if x == "seconds" and not all(step in seconds for step, _ in scalars["eval/fid"]):
+            raise PlotError(f"{run}: no train_seconds at its evaluations (a run of older scripts); use --x epoch")
+        at = (lambda step: seconds[step]) if x == "seconds" else (lambda step: step / per_epoch)
+        series[label] = {name: [(at(step), value) for step, value in scalars.get(f"eval/{name}", [])]
+                         for name in ("fid", "recall")}
 
     plt = pyplot()
     fig, (fid_ax, recall_ax) = plt.subplots(2, 1, figsize=(8, 7), dpi=100, sharex=True)
@@ -151,19 +163,22 @@ def compare(runs, out):
     fid_ax.set_yscale("log")
     fid_ax.set_ylabel("eval/fid (lower is better)")
     recall_ax.set_ylabel("eval/recall (higher is better)")
-    recall_ax.set_xlabel("epoch")
-    recall_ax.xaxis.get_major_locator().set_params(integer=True)
+    recall_ax.set_xlabel("epoch" if x == "epoch" else "train loop seconds (evaluations not counted)")
+    if x == "epoch":
+        recall_ax.xaxis.get_major_locator().set_params(integer=True)
     for ax in (fid_ax, recall_ax):
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(loc="best", fontsize="small")
     fig.tight_layout()
     save(fig, out)
+    where = (lambda at: f"epoch {at:.3g}") if x == "epoch" else (lambda at: f"{at:.0f} s")
     for label, points in series.items():
         best = min(points["fid"], key=lambda point: point[1])
         last = points["fid"][-1]
-        print(f"{label}: eval/fid {best[1]:.4g} at epoch {best[0]:.3g} (best), {last[1]:.4g} at epoch {last[0]:.3g}"
-              " (last)")
+        below = [next((where(at) for at, fid in points["fid"] if fid < limit), "-") for limit in THRESHOLDS]
+        print(f"{label}: eval/fid {best[1]:.4g} at {where(best[0])} (best), {last[1]:.4g} at {where(last[0])} (last);"
+              f" first below {', '.join(map(str, THRESHOLDS))}: {', '.join(below)}")
 
 
 def pyplot():
