@@ -33,12 +33,14 @@ def scalars(run_dir, tag):
 def test_flags_typed_with_resume_take_effect_and_are_the_ones_recorded(tmp_path, data_root):
     assert train(data_root, tmp_path, "r", "--max-steps", 4, "--no-eval")[0] == 0
     run = tmp_path / "r"
-    code, _, err = resume(run, "--max-steps", 6, "--lr", 5e-4, "--beta1", 0.3, "--beta2", 0.99, "--d-dropout", 0.1)
+    code, _, err = resume(run, "--max-steps", 6, "--lr", 5e-4, "--d-lr", 7e-4, "--beta1", 0.3, "--beta2", 0.99,
+                          "--d-dropout", 0.1)
     ckpt = load(run)
     assert code == 0 and ckpt["step"] == 6, err
-    for opt in ("opt_G", "opt_D"):  # written into the restored optimizers, not only into the recorded flags
-        assert [(g["lr"], tuple(g["betas"])) for g in ckpt[opt]["param_groups"]] == [(5e-4, (0.3, 0.99))]
-    assert [ckpt["args"][k] for k in ("lr", "beta1", "beta2", "d_dropout", "eval")] == [5e-4, 0.3, 0.99, 0.1, False]
+    for opt, lr in (("opt_G", 5e-4), ("opt_D", 7e-4)):  # written into the restored optimizers, not only the flags
+        assert [(g["lr"], tuple(g["betas"])) for g in ckpt[opt]["param_groups"]] == [(lr, (0.3, 0.99))]
+    assert [ckpt["args"][k] for k in ("lr", "d_lr", "beta1", "beta2", "d_dropout", "eval")] == [5e-4, 7e-4, 0.3, 0.99,
+                                                                                                0.1, False]
     code, out, _ = resume(run, "--eval")  # a --no-eval run, complete: --eval makes its evaluation
     assert code == 0 and "eval at step 6 (64 samples)" in out and json.loads((run / "metrics.json").read_text())["step"] == 6
     assert load(run)["args"]["eval"] is True
