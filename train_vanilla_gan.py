@@ -18,7 +18,7 @@ SCRIPT = Path(__file__).stem  # names its runs and checkpoints: a copy of this f
 # quality, and --epochs where more stop helping (README, Results; every setting tried: docs/tuning.md).
 PRESETS = {
     "default": {},
-    "source": {"lr": 3e-4, "d_lr": 3e-4, "beta1": 0.9, "beta2": 0.999, "batch_size": 32, "z_dim": 64, "g_hidden": [256],
+    "source": {"lr": 3e-4, "beta1": 0.9, "beta2": 0.999, "batch_size": 32, "z_dim": 64, "g_hidden": [256],
                "d_hidden": [128], "leaky_slope": 0.1, "d_dropout": 0.0, "ema_decay": 0.0},
 }
 
@@ -29,9 +29,10 @@ def make_parser():
     add("--dataset", choices=sorted(utils.DATASETS), default="mnist")
     add("--epochs", type=utils.positive_int, default=20, help="passes over the training split")
     add("--batch-size", type=utils.positive_int, default=32)
-    add("--lr", type=utils.positive_float, default=3e-4, help="the generator's Adam learning rate")
-    add("--d-lr", type=utils.positive_float, default=3e-4,
-        help="the discriminator's (faster than G's: the two time-scale rule, Heusel et al. 2017)")
+    add("--lr", type=utils.positive_float, default=3e-4, help="Adam's learning rate (D's too unless --d-lr)")
+    add("--d-lr", type=utils.positive_float, default=None,
+        help="the discriminator's Adam learning rate, e.g. faster than G's (the two time-scale rule, Heusel et al."
+             " 2017) (default: --lr)")
     add("--beta1", type=utils.fraction, default=0.5, help="Adam beta1 (0.5 as in DCGAN; the source: 0.9)")
     add("--beta2", type=utils.fraction, default=0.999, help="Adam beta2")
     add("--z-dim", type=utils.positive_int, default=64, help="size of the generator's noise")
@@ -95,7 +96,7 @@ def main(argv=None):
     G = Generator(args.z_dim, img_dim, args.g_hidden, args.leaky_slope).to(device)
     D = Discriminator(img_dim, args.d_hidden, args.leaky_slope, args.d_dropout).to(device)
     opt_G = torch.optim.Adam(G.parameters(), lr=args.lr, betas=(args.beta1, args.beta2), **utils.fused(device))
-    opt_D = torch.optim.Adam(D.parameters(), lr=args.d_lr, betas=(args.beta1, args.beta2), **utils.fused(device))
+    opt_D = torch.optim.Adam(D.parameters(), lr=args.d_lr or args.lr, betas=(args.beta1, args.beta2), **utils.fused(device))
     ema = EMA(G, args.ema_decay) if args.ema_decay else None
     run = utils.start_run(args, ckpt, SCRIPT, images, G=G, D=D, opt_G=opt_G, opt_D=opt_D, G_ema=ema)
     if run is None:  # a resumed run with nothing left to do

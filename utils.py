@@ -97,6 +97,9 @@ def run_main(main, argv=None):
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
     """--help: the description as written (its commands on their own lines), and each flag's default."""
 
+    def _get_help_string(self, action):  # no "(default: None)": such a flag's help says what stands in for it
+        return action.help if action.default is None else super()._get_help_string(action)
+
 
 class ArgumentParser(argparse.ArgumentParser):
     """argparse with each flag's default in --help and a bad command line told in one line (not the usage block)."""
@@ -304,7 +307,7 @@ class Run:
     sampler: torch.nn.Module = None  # what draws the grids and is evaluated: the weight average if there is one, else G
     writer: SummaryWriter = None
     stop: dict = field(default_factory=dict)  # {"signal": n} once Ctrl-C or SIGTERM asks the run to stop
-    epoch_started: float = 0.0  # time.perf_counter() at this epoch's first batch (or this resume's): the epoch line's
+    epoch_started: float = 0.0  # train_seconds at this epoch's (or this resume's) first batch, for the epoch's line
     train_seconds: float = 0.0  # the train loop's seconds over the whole run and its resumes; no evaluation counts
     clock: float = 0.0  # time.perf_counter() when train_seconds was last brought up to date
 
@@ -413,7 +416,7 @@ def epoch_batches(run, images):
     perm = torch.randperm(len(images), generator=run.order).to(images.device)
     first, size = run.step % run.steps_per_epoch, run.args.batch_size
     end = min(run.steps_per_epoch, first + run.last_step - run.step)
-    run.epoch_started = run.clock = time.perf_counter()
+    run.epoch_started, run.clock = run.train_seconds, time.perf_counter()
     for batch in tqdm(range(first, end), initial=first, total=run.steps_per_epoch, leave=False,
                       desc=f"epoch {run.step // run.steps_per_epoch + 1}", disable=not run.args.progress):
         yield to_model_range(images[perm[batch * size:(batch + 1) * size]])
@@ -430,6 +433,7 @@ def end_step(run, values):
     if run.step % run.steps_per_epoch and run.step < run.last_step and (run.stop or every and run.step % every == 0):
         count_train_time(run)
         save_checkpoint(run)
+        run.clock = time.perf_counter()  # the save is not the train loop's time (as at an epoch's end)
     return bool(run.stop)
 
 
@@ -449,7 +453,7 @@ def end_epoch(run):
         for name, value in means.items():
             run.writer.add_scalar(f"epoch_mean/{name}", value, step)
         print(f"epoch {epoch}/{run.args.epochs}  step {step}  " + "  ".join(f"{k} {v:.4f}" for k, v in means.items())
-              + f"  ({run.clock - run.epoch_started:.1f}s)", flush=True)
+              + f"  ({run.train_seconds - run.epoch_started:.1f}s)", flush=True)
         run.sums, run.counts = {}, {}
     if run.parts.get("G_ema"):
         run.parts["G_ema"].calibrate()  # BatchNorm statistics of the averaged weights (saving does it too)
@@ -459,7 +463,11 @@ def end_epoch(run):
 
 
 def count_train_time(run):
-    """The seconds since the clock was last read, added to the run's train_seconds (kept in the checkpoint)."""
+    """The seconds since the clock was last read, added to the run's train_seconds (kept in the checkpoint); on an
+    accelerator after its queued kernels have run (at a checkpoint only: no sync in a step)."""
+    device = run.fixed_noise.device
+    if device.type != "cpu":
+        getattr(torch, device.type).synchronize()
     now = time.perf_counter()
     run.train_seconds, run.clock = run.train_seconds + now - run.clock, now
 

@@ -147,6 +147,7 @@ def test_a_run_that_died_before_its_first_checkpoint_resumes_from_its_start_and_
     ckpt = load(tmp_path / "r")
     assert code == 0 and "at step 0" in out and ckpt["step"] == 6 and ckpt["args"]["max_steps"] == 6, err
     assert ckpt["args"]["lr"] == 2e-4 and [s for s, _ in scalars(tmp_path / "r", "loss/D")] == list(range(1, 7))
+    assert [ckpt[opt]["param_groups"][0]["lr"] for opt in ("opt_G", "opt_D")] == [2e-4, 2e-4]  # no --d-lr: D's too
     # A folder with no checkpoint at all (the run was killed before it wrote one): started by its name or by --resume
     for name, resumed in (("named", False), ("resumed", True)):
         (tmp_path / name).mkdir()
@@ -169,9 +170,13 @@ def test_train_seconds_count_the_train_loop_over_resumes_and_no_evaluation(tmp_p
     step, score = train_vanilla_gan.train_step, evaluate.score
     monkeypatch.setattr(train_vanilla_gan, "train_step", lambda *a: clock.__setitem__(0, clock[0] + 1) or step(*a))
     monkeypatch.setattr(evaluate, "score", lambda *a: clock.__setitem__(0, clock[0] + 100) or score(*a))
-    assert train(data_root, tmp_path, "r", "--epochs", 2, "--max-steps", 12, "--eval-every", 1)[0] == 0
+    saved, save = [], utils.save_checkpoint  # and each checkpoint 1 s to write, which counts neither
+    monkeypatch.setattr(utils, "save_checkpoint", lambda run: clock.__setitem__(0, clock[0] + 1) or save(run)
+                        or saved.append((run.step, run.train_seconds)))
+    assert train(data_root, tmp_path, "r", "--epochs", 2, "--max-steps", 12, "--eval-every", 1,
+                 "--checkpoint-every", 5)[0] == 0
     run = tmp_path / "r"
-    assert load(run)["train_seconds"] == 12
+    assert saved == [(0, 0), (5, 5), (8, 8), (10, 10), (12, 12)] and load(run)["train_seconds"] == 12
     clock[0] += 5000  # the time between the runs counts neither
     code, out, err = resume(run, "--max-steps", 0)
     assert code == 0 and "epoch 2/2  step 16" in out and "(4.0s)" in out, err

@@ -145,7 +145,7 @@ def compare(runs, out, x="epoch"):
         gaps = [b - a for a, b in zip([0] + ends, ends)]
         per_epoch = max(set(gaps), key=lambda gap: (gaps.count(gap), gap)) if gaps else None
         label = run.name if names.count(run.name) == 1 else str(run)
-        if not per_epoch or not scalars.get("eval/fid"):
+        if not scalars.get("eval/fid") or x == "epoch" and not per_epoch:
             raise PlotError(f"{run}: no eval/fid points to compare; train with --eval-every K (or let the run end)")
         seconds = dict(scalars.get("train_seconds", []))
         if x == "seconds" and not all(step in seconds for step, _ in scalars["eval/fid"]):
