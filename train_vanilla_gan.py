@@ -96,7 +96,8 @@ def main(argv=None):
     G = Generator(args.z_dim, img_dim, args.g_hidden, args.leaky_slope).to(device)
     D = Discriminator(img_dim, args.d_hidden, args.leaky_slope, args.d_dropout).to(device)
     opt_G = torch.optim.Adam(G.parameters(), lr=args.lr, betas=(args.beta1, args.beta2), **utils.fused(device))
-    opt_D = torch.optim.Adam(D.parameters(), lr=args.d_lr or args.lr, betas=(args.beta1, args.beta2), **utils.fused(device))
+    opt_D = torch.optim.Adam(D.parameters(), lr=args.d_lr or args.lr, betas=(args.beta1, args.beta2),
+                             **utils.fused(device))
     ema = EMA(G, args.ema_decay) if args.ema_decay else None
     run = utils.start_run(args, ckpt, SCRIPT, images, G=G, D=D, opt_G=opt_G, opt_D=opt_D, G_ema=ema)
     if run is None:  # a resumed run with nothing left to do

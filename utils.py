@@ -438,18 +438,18 @@ def end_step(run, values):
 
 
 def end_epoch(run):
-    """After the batch loop. At an epoch's end: its means (epoch_mean/* and a line), the fixed noise's grid and a
-    checkpoint; where --max-steps ends a run inside an epoch: the grid (samples/step_NNNNNNN.png) and a checkpoint;
+    """After the batch loop. At an epoch's end: train_seconds, its means (epoch_mean/* and a line), the fixed noise's
+    grid and a checkpoint; where --max-steps ends a run inside an epoch: train_seconds, the grid
+    (samples/step_NNNNNNN.png) and a checkpoint;
     after a stop inside an epoch: nothing (end_step saved it). Returns the epoch's means ({} when it is not whole)."""
     step, whole, means = run.step, run.step % run.steps_per_epoch == 0, {}
     if not whole and step < run.last_step:
         return means
     epoch = step // run.steps_per_epoch
-    if whole:  # the host sync: the epoch's last kernels have run when its time is read
-        means = finite(step, {name: value / run.counts[name] for name, value in run.sums.items()})
     count_train_time(run)
     run.writer.add_scalar("train_seconds", run.train_seconds, step)
     if whole:
+        means = finite(step, {name: value / run.counts[name] for name, value in run.sums.items()})
         for name, value in means.items():
             run.writer.add_scalar(f"epoch_mean/{name}", value, step)
         print(f"epoch {epoch}/{run.args.epochs}  step {step}  " + "  ".join(f"{k} {v:.4f}" for k, v in means.items())
