@@ -440,8 +440,8 @@ def end_step(run, values):
 def end_epoch(run):
     """After the batch loop. At an epoch's end: train_seconds, its means (epoch_mean/* and a line), the fixed noise's
     grid and a checkpoint; where --max-steps ends a run inside an epoch: train_seconds, the grid
-    (samples/step_NNNNNNN.png) and a checkpoint;
-    after a stop inside an epoch: nothing (end_step saved it). Returns the epoch's means ({} when it is not whole)."""
+    (samples/step_NNNNNNN.png) and a checkpoint; after a stop inside an epoch: nothing (end_step saved it). Returns
+    the epoch's means ({} when it is not whole)."""
     step, whole, means = run.step, run.step % run.steps_per_epoch == 0, {}
     if not whole and step < run.last_step:
         return means
