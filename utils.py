@@ -335,6 +335,11 @@ def start_run(args, ckpt, script, images, **parts):
         print(f"{run_dir} is complete at step {run.step}: to train further, --resume it with more --epochs or"
               " --max-steps")
         return None
+    # TensorBoard reads a run's event files in name order, and a name starts with the second it was made: a file made
+    # in the same second as the one before it (a resume right after a kill) may sort first, and lose its points.
+    newest = max((int(f.name.split(".")[3]) for f in run_dir.glob("events.out.tfevents.*")), default=0)
+    if 0 < (wait := newest + 1 - time.time()) <= 1:
+        time.sleep(wait)
     run.writer = SummaryWriter(run_dir, purge_step=run.step + 1 if ckpt else 0)  # purge: no point logged twice
     run.writer.add_text("config", f"```\n{json.dumps(vars(args), indent=2)}\n```", run.step)
     if ckpt:

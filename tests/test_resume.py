@@ -3,6 +3,7 @@ ever stuck (a failed or lost evaluation is made, a run that died before its firs
 again), and a folder is one run's."""
 import json
 import signal
+import time
 
 import pytest
 import torch
@@ -28,6 +29,17 @@ def scalars(run_dir, tag):
     acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
     acc.Reload()
     return [(e.step, e.value) for e in acc.Scalars(tag)] if tag in acc.Tags()["scalars"] else []
+
+
+def test_a_resume_in_the_second_of_the_file_before_it_keeps_its_points(tmp_path, data_root, monkeypatch):
+    assert train(data_root, tmp_path, "r", "--max-steps", 4, "--no-eval")[0] == 0
+    run, clock = tmp_path / "r", [2e9 + 0.5]
+    old, = run.glob("events.out.tfevents.*")  # a killed run's file of this second, its name after ours (host, pid)
+    old.rename(run / f"events.out.tfevents.{int(clock[0])}.zzzz.0")
+    monkeypatch.setattr(time, "time", lambda: clock[0])
+    monkeypatch.setattr(time, "sleep", lambda seconds: clock.__setitem__(0, clock[0] + seconds))
+    assert resume(run, "--max-steps", 6)[0] == 0
+    assert [s for s, _ in scalars(run, "train_seconds")] == [4, 6]
 
 
 def test_flags_typed_with_resume_take_effect_and_are_the_ones_recorded(tmp_path, data_root):
