@@ -203,6 +203,13 @@ def test_a_preset_sets_defaults_that_typed_flags_override_and_a_resume_keeps(tmp
     assert ln["step"] == 4 and ln["args"]["layer_norm"] and ln["C"]["net.1.weight"].shape == (32,)
 
 
+def test_the_wgan_presets_keep_what_the_sources_ran_whatever_the_defaults():
+    """--preset paper / source reproduce Algorithm 1 and the source's run: batch 64, RMSprop 5e-5, 20 epochs."""
+    for preset in ("paper", "source"):
+        args, _ = utils.parse_flags(train_wgan.make_parser(), train_wgan.PRESETS, "train_wgan", ["--preset", preset])
+        assert (args.batch_size, args.lr, args.epochs) == (64, 5e-5, 20)
+
+
 def test_a_copied_script_is_a_script_of_its_own(tmp_path, data_root):
     """A student's train_my_loss.py, copied from train_wgan.py: its runs are named after it and resumed by it only."""
     shutil.copy(ROOT / "train_wgan.py", tmp_path / "train_my_loss.py")

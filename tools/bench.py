@@ -117,6 +117,12 @@ def wgan_setup(device, z_dim=100, batch=64, lr=5e-5, n_critic=5, clip=0.01):
     return ref, ours, batch, 28
 
 
+def wgan_default_setup(device):
+    """The clipped WGAN at train_wgan.py's own defaults (its batch, rate and n_critic), read from its parser."""
+    d = train_wgan.make_parser().parse_args([])
+    return wgan_setup(device, d.z_dim, d.batch_size, d.lr, d.n_critic, d.clip_value)
+
+
 def wgan_gp_setup(device, z_dim=100, batch=64, lr=1e-3, n_critic=5, gp_weight=10.0):
     """The penalty's critic step (a double backward): textbook.py's separate forwards against the script's one."""
     G1, C1 = wgan_nets(device, z_dim)
@@ -140,6 +146,10 @@ def wgan_gp_setup(device, z_dim=100, batch=64, lr=1e-3, n_critic=5, gp_weight=10
             train_wgan_gp.generator_step(G2, C2, our_opts[0], torch.randn(batch, z_dim, device=device))
 
     return ref, ours, batch, 28
+
+
+# The sources' sizes (vanilla: also the default's), and the clipped WGAN's default batch beside its sources' 64.
+ALGOS = {"vanilla": vanilla_setup, "wgan": wgan_setup, "wgan_default": wgan_default_setup, "wgan_gp": wgan_gp_setup}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -251,7 +261,7 @@ def main(argv=None):
     matmul = matmul_gflops(device)
     device_name = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
     result = {"device": device_name, "torch": torch.__version__, "data": data, "matmul_gflops": round(matmul, 1)}
-    for name, setup in (("vanilla", vanilla_setup), ("wgan", wgan_setup), ("wgan_gp", wgan_gp_setup)):
+    for name, setup in ALGOS.items():
         r = bench_algo(setup, images, device, args.steps, args.repeats, args.warmup)
         r["flop_fraction"] = round(r["achieved_gflops"] / matmul, 3)
         result[name] = r
@@ -264,11 +274,11 @@ def main(argv=None):
     print(f"device {result['device']}, torch {result['torch']}, data: {data}")
     print(f"matmul limit: {result['matmul_gflops']} GFLOP/s (after: {result['matmul_gflops_after']});"
           f" process peak RSS {result['process_peak_rss_mib']} MiB")
-    print(f"{'':8} {'ref steps/s':>12} {'steps/s':>9} {'ratio':>6} {'images/s':>9} {'GFLOP/step':>11} "
+    print(f"{'':12} {'ref steps/s':>12} {'steps/s':>9} {'ratio':>6} {'images/s':>9} {'GFLOP/step':>11} "
           f"{'GFLOP/s':>8} {'% limit':>8} {'GPU peak MiB ref/ours':>22}")
-    for name in ("vanilla", "wgan", "wgan_gp"):
+    for name in ALGOS:
         r = result[name]
-        print(f"{name:8} {r['ref_steps_per_s']:>12} {r['steps_per_s']:>9} {r['ratio']:>6} {r['images_per_s']:>9} "
+        print(f"{name:12} {r['ref_steps_per_s']:>12} {r['steps_per_s']:>9} {r['ratio']:>6} {r['images_per_s']:>9} "
               f"{r['gflop_per_step']:>11} {r['achieved_gflops']:>8} {100 * r['flop_fraction']:>7.1f}% "
               f"{str(r['ref_peak_mib']) + '/' + str(r['peak_mib']):>22}")
 

@@ -156,10 +156,14 @@ def compare(runs, out, x="epoch"):
 
     plt = pyplot()
     fig, (fid_ax, recall_ax) = plt.subplots(2, 1, figsize=(8, 7), dpi=100, sharex=True)
+    colours = {}  # runs named alike but for a trailing number (their seeds: wgan-1, wgan-2) share a colour and a legend
     for label, points in series.items():
-        line, = fid_ax.plot(*zip(*points["fid"]), marker="o", label=label)
+        group = label.rstrip("0123456789").rstrip("-_ ") or label
+        style = {"marker": "o", "label": None if group in colours else group,
+                 "color": colours.setdefault(group, f"C{len(colours)}")}
+        fid_ax.plot(*zip(*points["fid"]), **style)
         if points["recall"]:
-            recall_ax.plot(*zip(*points["recall"]), marker="o", color=line.get_color(), label=label)
+            recall_ax.plot(*zip(*points["recall"]), **style)
     fid_ax.set_yscale("log")
     fid_ax.set_ylabel("eval/fid (lower is better)")
     recall_ax.set_ylabel("eval/recall (higher is better)")
