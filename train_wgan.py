@@ -18,8 +18,8 @@ from models import EMA, Critic, WGANGenerator, batch_statistics
 SCRIPT = Path(__file__).stem  # names its runs and checkpoints: a copy of this file is a script of its own
 # Algorithm 1 of the paper: --preset paper; the WGAN source's own run: --preset source. The defaults were chosen by
 # measured sample quality per second of training (batch 128, the rate scaled by the square root of the batch), and
-# --epochs before the clipped critic stops measuring: its Wasserstein estimate is near 0 by epoch 24, and FID climbs
-# once it gets there (README, Results; every setting tried: docs/tuning.md).
+# --epochs before the clipped critic stops measuring: its Wasserstein estimate is near 0 by epoch 24 (at batch 64 it
+# reached 0 near epoch 30, and FID climbed after it; README, Results; every setting tried: docs/tuning.md).
 PAPER = {"lr": 5e-5, "clip_value": 0.01, "n_critic": 5, "batch_size": 64, "epochs": 20, "z_dim": 100, "img_size": 28,
          "g_widths": [128, 256, 512, 1024], "critic_widths": [512, 256], "ema_decay": 0.0}
 PRESETS = {"default": {}, "paper": PAPER, "source": {**PAPER, "clip_value": 0.005, "n_critic": 25, "img_size": 32}}

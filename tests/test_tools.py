@@ -35,7 +35,8 @@ def test_bench_times_both_loops_and_reports_their_ratio(tmp_path):
     assert code == 0, err
     result = json.loads(out.strip().splitlines()[-1])
     assert result["data"] == "random uint8 images" and result["matmul_gflops"] > 0
-    assert (result["wgan"]["batch"], result["wgan_default"]["batch"]) == (64, 128)  # the sources' and the default's
+    default_batch = train_wgan.make_parser().get_default("batch_size")  # the script's, beside the sources' 64
+    assert (result["wgan"]["batch"], result["wgan_default"]["batch"]) == (64, default_batch)
     for algo in ("vanilla", "wgan", "wgan_default", "wgan_gp"):
         r = result[algo]
         ours, ref = r["steps_per_s"], r["ref_steps_per_s"]  # each rounded to 0.1, the ratio of the unrounded to 0.01
@@ -73,14 +74,16 @@ def test_plot_compares_runs_against_seconds_and_says_when_fid_first_fell_below_e
 def test_plot_gives_the_seeds_of_one_setting_one_colour_and_one_legend_entry(tmp_path, monkeypatch):
     from torch.utils.tensorboard import SummaryWriter
 
-    for name in ("wgan-1", "wgan-2", "vanilla"):
+    names = ["wgan-s1", "w-20261206-194115", "wgan-s2", "w-20261206-201502"]  # two seeds; two default-named runs
+    for name in names:
         with SummaryWriter(tmp_path / name) as writer:
             for epoch in (1, 2):
                 writer.add_scalar("epoch_mean/loss/D", 0.5, 10 * epoch)
                 writer.add_scalar("eval/fid", 50 / epoch, 10 * epoch)
     figures = []
     monkeypatch.setattr(plot, "save", lambda fig, out: figures.append(fig))
-    plot.run_main([str(tmp_path / name) for name in ("wgan-1", "vanilla", "wgan-2")] + ["--out", str(tmp_path / "f")])
+    plot.run_main([str(tmp_path / name) for name in names] + ["--out", str(tmp_path / "f")])
     fid_ax = figures[0].axes[0]
-    wgan_1, vanilla, wgan_2 = (line.get_color() for line in fid_ax.get_lines())
-    assert wgan_1 == wgan_2 != vanilla and fid_ax.get_legend_handles_labels()[1] == ["wgan", "vanilla"]
+    seed_1, default_1, seed_2, default_2 = (line.get_color() for line in fid_ax.get_lines())
+    assert seed_1 == seed_2 and len({seed_1, default_1, default_2}) == 3
+    assert fid_ax.get_legend_handles_labels()[1] == ["wgan", "w-20261206-194115", "w-20261206-201502"]

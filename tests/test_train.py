@@ -204,7 +204,8 @@ def test_a_preset_sets_defaults_that_typed_flags_override_and_a_resume_keeps(tmp
 
 
 def test_the_wgan_presets_keep_what_the_sources_ran_whatever_the_defaults():
-    """--preset paper / source reproduce Algorithm 1 and the source's run: batch 64, RMSprop 5e-5, 20 epochs."""
+    """--preset paper / source keep the paper's and the source's batch 64 and RMSprop 5e-5, and the 20 epochs they ran
+    before the default became 24."""
     for preset in ("paper", "source"):
         args, _ = utils.parse_flags(train_wgan.make_parser(), train_wgan.PRESETS, "train_wgan", ["--preset", preset])
         assert (args.batch_size, args.lr, args.epochs) == (64, 5e-5, 20)

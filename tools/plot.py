@@ -14,6 +14,7 @@ each run's best and last FID (where a run stops paying) and when its FID first f
 """
 import argparse
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -134,8 +135,9 @@ THRESHOLDS = (100, 50, 30, 20)  # the README's time-to-FID table
 
 def compare(runs, out, x="epoch"):
     """eval/fid (and eval/recall, where logged) of several runs against epochs or the train loop's seconds (the
-    train_seconds scalar at the evaluation's step), one line per run; each run's best and last FID printed, and where
-    it first fell below each of THRESHOLDS."""
+    train_seconds scalar at the evaluation's step), one line per run (the seeds of a setting, named alike but for a
+    trailing seed, in one colour); each run's best and last FID printed, and where it first fell below each of
+    THRESHOLDS."""
     series = {}
     names = [run.name for run in runs]
     for run in runs:
@@ -156,9 +158,9 @@ def compare(runs, out, x="epoch"):
 
     plt = pyplot()
     fig, (fid_ax, recall_ax) = plt.subplots(2, 1, figsize=(8, 7), dpi=100, sharex=True)
-    colours = {}  # runs named alike but for a trailing number (their seeds: wgan-1, wgan-2) share a colour and a legend
+    colours = {}  # runs named alike but for a trailing seed (wgan-s1, wgan-seed2) share a colour and a legend entry
     for label, points in series.items():
-        group = label.rstrip("0123456789").rstrip("-_ ") or label
+        group = re.sub(r"[-_ ](s|seed)[-_ ]?\d+$", "", label) or label
         style = {"marker": "o", "label": None if group in colours else group,
                  "color": colours.setdefault(group, f"C{len(colours)}")}
         fid_ax.plot(*zip(*points["fid"]), **style)
