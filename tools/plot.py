@@ -161,8 +161,9 @@ def compare(runs, out, x="epoch"):
     colours = {}  # runs named alike but for a trailing seed (wgan-s1, wgan-seed2) share a colour and a legend entry
     for label, points in series.items():
         group = re.sub(r"[-_ ](s|seed)[-_ ]?\d+$", "", label) or label
-        style = {"marker": "o", "label": None if group in colours else group,
-                 "color": colours.setdefault(group, f"C{len(colours)}")}
+        first = group not in colours
+        colour = colours.setdefault(group, f"C{len(colours)}")
+        style = {"marker": "o", "color": colour, "label": group if first else None}  # one legend entry a setting
         fid_ax.plot(*zip(*points["fid"]), **style)
         if points["recall"]:
             recall_ax.plot(*zip(*points["recall"]), **style)
